@@ -1,0 +1,1 @@
+"""The MoRA Studio web app and command line."""

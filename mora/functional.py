@@ -1,0 +1,296 @@
+"""The functional core of MoRA: the size of M, the adapter branch, and its dense delta weight.
+
+Everything here is a pure function of tensors, like `torch.nn.functional`, so that the layers, the merge code and
+the tests all compute the same thing. Notation follows MORA_SPEC.md: the frozen layer maps `k = in_features` to
+`d = out_features`, the trainable matrix `M` is `r̂ × r̂`, the input is cut into `n = ceil(k / r̂)` chunks and padded
+to `L = n·r̂` by wrap-around (`x̃[t] = x[t mod k]`).
+
+No function loops in Python over features or chunks: compression is a reshape and a sum, decompression a view or a
+gather, and the rotation variant folds each chunk's rotation into `M` once (`A_i = M R_i`) and runs one batched
+matmul, which is cheaper than rotating every token's activations.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+
+Variant = Union[str, int]
+
+# The reference implementation numbers its compression types; users of it will pass those numbers.
+REFERENCE_TYPES: dict[int, str] = {1: "sharing", 2: "type2", 3: "type3", 4: "type4", 6: "rope"}
+VARIANTS: tuple[str, ...] = ("sharing", "rope", "truncation", "decouple", "type2", "type3", "type4")
+ROTATION_VARIANTS: frozenset[str] = frozenset({"rope"})
+
+
+def normalize_variant(variant: Variant) -> str:
+    """Map a variant name or the reference's integer type to our canonical name."""
+    if isinstance(variant, bool):
+        raise ValueError(f"unknown MoRA variant {variant!r}")
+    if isinstance(variant, int) or (isinstance(variant, str) and variant.strip().isdigit()):
+        number = int(variant)
+        if number not in REFERENCE_TYPES:
+            raise ValueError(f"unknown MoRA type {number}: the reference types are {sorted(REFERENCE_TYPES)}")
+        return REFERENCE_TYPES[number]
+    name = str(variant).strip().lower()
+    if name not in VARIANTS:
+        raise ValueError(f"unknown MoRA variant {variant!r}: expected one of {', '.join(VARIANTS)} or 1, 2, 3, 4, 6")
+    return name
+
+
+def reference_type(variant: Variant) -> int | None:
+    """The reference implementation's `mora_type` for a variant, or None for the paper-only ablations."""
+    name = normalize_variant(variant)
+    return next((number for number, known in REFERENCE_TYPES.items() if known == name), None)
+
+
+def default_variant(r: int) -> str:
+    """The paper's recommendation: rotation for small ranks, sharing for large ones (MORA_SPEC.md §5)."""
+    return "rope" if r <= 32 else "sharing"
+
+
+def r_hat(in_features: int, out_features: int, r: int, variant: Variant = "sharing") -> int:
+    """Side of M that spends LoRA's parameter budget `(k + d)·r`, rounded to nearest (even for rotation)."""
+    if r < 1 or in_features < 1 or out_features < 1:
+        raise ValueError(f"r, in_features and out_features must be positive, got {r}, {in_features}, {out_features}")
+    side = int(math.floor(math.sqrt((in_features + out_features) * r) + 0.5))
+    if normalize_variant(variant) in ROTATION_VARIANTS:
+        side = max(2, side // 2 * 2)
+    return side
+
+
+def mora_parameter_count(in_features: int, out_features: int, r: int, variant: Variant = "sharing") -> int:
+    """Trainable parameters of one MoRA layer (`r̂²`)."""
+    return r_hat(in_features, out_features, r, variant) ** 2
+
+
+def lora_parameter_count(in_features: int, out_features: int, r: int) -> int:
+    """Trainable parameters of one LoRA layer at the same `r`, for the side-by-side budget."""
+    return (in_features + out_features) * r
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Index helpers, cached per shape and device: they are constants of a layer, rebuilt never on the hot path.
+
+
+@functools.lru_cache(maxsize=512)
+def _group_index(length: int, groups: int, device: torch.device) -> torch.Tensor:
+    """Group of each position when `length` items fall into `groups` contiguous groups, the first `s` one longer."""
+    q, s = divmod(length, groups)
+    sizes = torch.full((groups,), q, dtype=torch.long)
+    sizes[:s] += 1
+    return torch.repeat_interleave(torch.arange(groups), sizes).to(device)
+
+
+@functools.lru_cache(maxsize=512)
+def _rotation_tables(side: int, chunks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of `φ_{i,j} = i·θ_j`, `θ_j = 10000^(-2j/r̂)`, in float32, shape `[chunks, r̂/2]`."""
+    theta = 1.0 / (10000.0 ** (torch.arange(0, side, 2, dtype=torch.float32) / side))
+    angles = torch.outer(torch.arange(chunks, dtype=torch.float32), theta)
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def _wrap_pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """`x̃[t] = x[t mod k]` for `t < length`: wrap-around padding (or a plain cut when `length ≤ k`)."""
+    k = x.shape[-1]
+    if length <= k:
+        return x[..., :length]
+    repeats = -(-length // k)
+    return x.repeat(*([1] * (x.dim() - 1)), repeats)[..., :length]
+
+
+def _tile(z: torch.Tensor, length: int) -> torch.Tensor:
+    """`y[o] = z[o mod m]` for `o < length`, built as an expanded view (one copy at the final reshape)."""
+    m = z.shape[-1]
+    if length <= m:
+        return z[..., :length]
+    repeats = -(-length // m)
+    tiled = z.unsqueeze(-2).expand(*z.shape[:-1], repeats, m).reshape(*z.shape[:-1], repeats * m)
+    return tiled[..., :length]
+
+
+def _strided_sum(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Sharing's compression: wrap-pad to `L = n·r̂` and sum the `n` chunks (`c[j] = Σ_{t ≡ j mod r̂} x̃[t]`)."""
+    chunks = -(-x.shape[-1] // side)
+    return _wrap_pad(x, chunks * side).reshape(*x.shape[:-1], chunks, side).sum(-2)
+
+
+def _contiguous_sum(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Types 2 and 3: sum `r̂` contiguous groups of uneven length (first `s` of `q + 1`, then `q`), no padding."""
+    q, s = divmod(x.shape[-1], side)
+    lead = x.shape[:-1]
+    long_groups = x[..., : s * (q + 1)].reshape(*lead, s, q + 1).sum(-1)
+    short_groups = x[..., s * (q + 1):].reshape(*lead, side - s, q).sum(-1)
+    return torch.cat([long_groups, short_groups], dim=-1)
+
+
+def _repeat_interleave(z: torch.Tensor, length: int) -> torch.Tensor:
+    """Output `o` takes `z[G(o)]`, `G` the uneven contiguous grouping of `length` outputs into `r̂` groups."""
+    return z.index_select(-1, _group_index(length, z.shape[-1], z.device))
+
+
+def _rotated_blocks(M: torch.Tensor, chunks: int, rotate: bool) -> torch.Tensor:
+    """`A_i = M R_i` for each used chunk, shape `[chunks, r̂, r̂]`, computed from float32 tables.
+
+    Folding the rotation into M (n small products per step) replaces rotating every token's activations.
+    """
+    side = M.shape[0]
+    if not rotate:
+        return M.unsqueeze(0).expand(chunks, side, side)
+    half = side // 2
+    # At least float32 (the tables' precision), float64 when M is: a bf16 M must not round the angles.
+    wide = M.to(torch.promote_types(M.dtype, torch.float32))
+    cos, sin = (table.to(wide.dtype).unsqueeze(1) for table in _rotation_tables(side, chunks, M.device))
+    first, second = wide[:, :half].unsqueeze(0), wide[:, half:].unsqueeze(0)
+    blocks = torch.cat([first * cos + second * sin, second * cos - first * sin], dim=-1)
+    return blocks.to(M.dtype)
+
+
+def _used_chunks(in_features: int, out_features: int, side: int) -> tuple[int, int]:
+    """(n, chunks whose outputs survive the cut to `d`): chunks entirely past `d` are never computed."""
+    chunks = -(-in_features // side)
+    if chunks * side <= out_features:
+        return chunks, chunks
+    return chunks, -(-out_features // side)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward of each variant: x [..., k] -> adapter branch [..., d]. M is cast to x's dtype by the caller.
+
+
+def _forward_grouped(compress: Callable, decompress: Callable) -> Callable:
+    def forward(x: torch.Tensor, M: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+        return decompress(F.linear(compress(x, M.shape[0]), M), out_features)
+
+    return forward
+
+
+def _forward_truncation(x: torch.Tensor, M: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """Eq. 4: `f_comp(x) = x[:r̂]`, `f_decomp(z) = [z; 0]`; only the rows and columns that survive are used."""
+    side = M.shape[0]
+    kept_in, kept_out = min(in_features, side), min(out_features, side)
+    z = F.linear(x[..., :kept_in], M[:kept_out, :kept_in])
+    return F.pad(z, (0, out_features - kept_out))
+
+
+def _forward_chunked(rotate: bool) -> Callable:
+    def forward(x: torch.Tensor, M: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+        """Eq. 9 (rope) or Eq. 8 (decouple): one M per chunk, rotated by the chunk's angle, then cut or tiled."""
+        side = M.shape[0]
+        chunks, used = _used_chunks(in_features, out_features, side)
+        lead = x.shape[:-1]
+        pieces = _wrap_pad(x, used * side).reshape(*lead, used, side)
+        if rotate and used > 1:
+            z = torch.einsum("...ni,noi->...no", pieces, _rotated_blocks(M, used, rotate=True))
+        else:
+            z = F.linear(pieces, M)
+        u = z.reshape(*lead, used * side)
+        return u[..., :out_features] if used * side >= out_features else _tile(u, out_features)
+
+    return forward
+
+
+_FORWARDS: dict[str, Callable] = {
+    "sharing": _forward_grouped(_strided_sum, _tile),
+    "type2": _forward_grouped(_contiguous_sum, _repeat_interleave),
+    "type3": _forward_grouped(_contiguous_sum, _tile),
+    "type4": _forward_grouped(_strided_sum, _repeat_interleave),
+    "truncation": _forward_truncation,
+    "rope": _forward_chunked(rotate=True),
+    "decouple": _forward_chunked(rotate=False),
+}
+
+
+def _check_shapes(M: torch.Tensor, variant: str) -> None:
+    if M.dim() != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"M must be a square matrix, got shape {tuple(M.shape)}")
+    if variant in ROTATION_VARIANTS and M.shape[0] % 2:
+        raise ValueError(f"the {variant} variant pairs dimensions j and j + r̂/2, so r̂ must be even, got {M.shape[0]}")
+
+
+def mora_forward(
+    x: torch.Tensor, M: torch.Tensor, in_features: int, out_features: int, variant: Variant = "sharing"
+) -> torch.Tensor:
+    """The adapter branch `f_decomp(M · f_comp(x))`, shape `[..., out_features]`, computed in x's dtype."""
+    name = normalize_variant(variant)
+    _check_shapes(M, name)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {in_features}")
+    return _FORWARDS[name](x, M.to(x.dtype), in_features, out_features)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Delta weights: the dense `d × k` matrix with `x ΔWᵀ` equal to the branch, from the same tables as the forward.
+
+
+def _fold_columns(padded: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Fold padded columns `t` onto input `t mod k`: the transpose of wrap-around padding."""
+    length = padded.shape[-1]
+    if length == in_features:
+        return padded
+    source = torch.arange(length, device=padded.device) % in_features
+    return padded.new_zeros(padded.shape[0], in_features).index_add(1, source, padded)
+
+
+def _output_slots(decompress: Callable, side: int, out_features: int, device: torch.device) -> torch.Tensor:
+    if decompress is _tile:
+        return torch.arange(out_features, device=device) % side
+    return _group_index(out_features, side, device)
+
+
+def _delta_grouped(compress: Callable, decompress: Callable) -> Callable:
+    def delta(M: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+        side = M.shape[0]
+        rows = M.index_select(0, _output_slots(decompress, side, out_features, M.device))
+        if compress is _contiguous_sum:
+            return rows.index_select(1, _group_index(in_features, side, M.device))
+        length = -(-in_features // side) * side
+        padded = rows.index_select(1, torch.arange(length, device=M.device) % side)
+        return _fold_columns(padded, in_features)
+
+    return delta
+
+
+def _delta_truncation(M: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    side = M.shape[0]
+    kept_in, kept_out = min(in_features, side), min(out_features, side)
+    return F.pad(M[:kept_out, :kept_in], (0, in_features - kept_in, 0, out_features - kept_out))
+
+
+def _delta_chunked(rotate: bool) -> Callable:
+    def delta(M: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+        """`T · blockdiag(M R_0, …) · P`: scatter each block onto its diagonal, fold the padding, tile the rows."""
+        side = M.shape[0]
+        chunks, used = _used_chunks(in_features, out_features, side)
+        blocks = _rotated_blocks(M, used, rotate)
+        offsets = torch.arange(used, device=M.device).view(used, 1, 1) * side
+        local = torch.arange(side, device=M.device)
+        rows = (offsets + local.view(1, side, 1)).expand(used, side, side)
+        cols = ((offsets + local.view(1, 1, side)) % in_features).expand(used, side, side)
+        folded = M.new_zeros(used * side, in_features).index_put((rows, cols), blocks, accumulate=True)
+        if used * side >= out_features:
+            return folded[:out_features]
+        return folded.index_select(0, torch.arange(out_features, device=M.device) % (used * side))
+
+    return delta
+
+
+_DELTAS: dict[str, Callable] = {
+    "sharing": _delta_grouped(_strided_sum, _tile),
+    "type2": _delta_grouped(_contiguous_sum, _repeat_interleave),
+    "type3": _delta_grouped(_contiguous_sum, _tile),
+    "type4": _delta_grouped(_strided_sum, _repeat_interleave),
+    "truncation": _delta_truncation,
+    "rope": _delta_chunked(rotate=True),
+    "decouple": _delta_chunked(rotate=False),
+}
+
+
+def mora_delta_weight(M: torch.Tensor, in_features: int, out_features: int, variant: Variant = "sharing") -> torch.Tensor:
+    """The dense update `ΔW` (`[out_features, in_features]`) such that `mora_forward(x) == x @ ΔW.T`."""
+    name = normalize_variant(variant)
+    _check_shapes(M, name)
+    return _DELTAS[name](M, in_features, out_features)
