@@ -1,0 +1,227 @@
+"""The adapted layer: a frozen linear layer plus any number of named MoRA or LoRA adapters.
+
+One wrapper serves `nn.Linear` and transformers' GPT-2 style `Conv1D` (weight stored transposed, `in × out`);
+it never imports transformers, it recognises Conv1D by its shape and name. Each adapter is a small module that
+knows its own hyperparameters, so saving, merging and diagnostics read everything from the layers themselves.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from mora import functional as MF
+from mora.config import AdapterConfig, LoRAConfig, MoRAConfig
+
+
+class MoRAAdapter(nn.Module):
+    """`f_decomp(M · f_comp(dropout(x)))`, with M (`r̂ × r̂`) starting at zero so the model starts as the base."""
+
+    kind = "mora"
+
+    def __init__(
+        self, in_features: int, out_features: int, config: MoRAConfig, device=None, r_hat: Optional[int] = None
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.r = config.r
+        self.variant = config.variant
+        self.dropout_p = config.dropout
+        side = r_hat if r_hat is not None else MF.r_hat(in_features, out_features, config.r, config.variant)
+        self.weight = nn.Parameter(torch.zeros(side, side, dtype=config.dtype, device=device))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @property
+    def r_hat(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return MF.mora_forward(self.dropout(x), self.weight, self.in_features, self.out_features, self.variant)
+
+    def delta_weight(self) -> torch.Tensor:
+        return MF.mora_delta_weight(self.weight, self.in_features, self.out_features, self.variant)
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            self.weight.zero_()
+
+    def lora_equivalent_parameters(self) -> int:
+        return MF.lora_parameter_count(self.in_features, self.out_features, self.r)
+
+
+class LoRAAdapter(nn.Module):
+    """`B A dropout(x) · scaling`, initialised as peft does (A Kaiming-uniform with a = sqrt(5), B zero)."""
+
+    kind = "lora"
+
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.r = config.r
+        self.alpha = config.alpha
+        self.use_rslora = config.use_rslora
+        self.scaling = config.scaling
+        self.dropout_p = config.dropout
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, dtype=config.dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, dtype=config.dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if not config.init_weights:
+            nn.init.normal_(self.lora_B, std=0.02)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.lora_B.zero_()
+
+    def lora_equivalent_parameters(self) -> int:
+        return MF.lora_parameter_count(self.in_features, self.out_features, self.r)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2 and kin): `y = x @ W + b` with W stored `in × out`."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+
+
+def build_adapter(in_features: int, out_features: int, config: AdapterConfig, device=None) -> nn.Module:
+    if isinstance(config, MoRAConfig):
+        return MoRAAdapter(in_features, out_features, config, device=device)
+    if isinstance(config, LoRAConfig):
+        return LoRAAdapter(in_features, out_features, config, device=device)
+    raise TypeError(f"unknown adapter config {type(config).__name__}: use MoRAConfig or LoRAConfig")
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen base layer with named adapters; `forward` adds the active adapter's branch (or, per row, each row's).
+
+    Per-row choice (`row_adapters`, one name or None per batch row) lets one forward pass serve several adapters
+    side by side on one shared base, which is how the studio's chat answers with N adapters at once.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        if not is_adaptable(base_layer):
+            raise TypeError(f"can only adapt nn.Linear or Conv1D layers, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.transposed = is_transposed_linear(base_layer)
+        weight = base_layer.weight
+        self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if self.transposed else (
+            weight.shape[1], weight.shape[0])
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self.merged_adapters: list[str] = []
+        self.row_adapters: Optional[list[Optional[str]]] = None
+        self._row_groups: dict[str, torch.Tensor] = {}
+        self.train(base_layer.training)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, so code that reads `layer.weight` (dtype checks, tying) keeps working."""
+        return self.base_layer.weight
+
+    def add_adapter(self, name: str, config: AdapterConfig) -> nn.Module:
+        return self.attach(name, build_adapter(self.in_features, self.out_features, config, self.weight.device))
+
+    def attach(self, name: str, adapter: nn.Module) -> nn.Module:
+        """Register a built adapter; it follows the layer's train/eval mode, as a submodule added later must."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self.adapters[name] = adapter.train(self.training)
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        del self.adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_row_adapters(self, rows: Optional[Sequence[Optional[str]]]) -> None:
+        """Choose an adapter (or None: base only) for each batch row of the following forward passes."""
+        if rows is None:
+            self.row_adapters, self._row_groups = None, {}
+            return
+        unknown = [n for n in rows if n is not None and n not in self.adapters]
+        if unknown:
+            raise KeyError(f"no adapter named {unknown[0]!r} on this layer (has: {', '.join(self.adapters)})")
+        self.row_adapters = list(rows)
+        device = self.base_layer.weight.device
+        self._row_groups = {
+            name: torch.tensor([i for i, n in enumerate(rows) if n == name], device=device)
+            for name in dict.fromkeys(n for n in rows if n is not None)
+        }
+
+    def _branch(self, name: str, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        adapter = self.adapters[name]
+        parameter = next(adapter.parameters())
+        return adapter(x.to(parameter.dtype)).to(out_dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self._forward_per_row(x, result)
+        name = self.active_adapter
+        if name is None or name in self.merged_adapters:
+            return result
+        return result + self._branch(name, x, result.dtype)
+
+    def _forward_per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        rows = self.row_adapters
+        if len(rows) != x.shape[0]:
+            raise ValueError(f"per-row adapters name {len(rows)} rows but the batch has {x.shape[0]}")
+        if self.merged_adapters:
+            raise RuntimeError(f"adapters {self.merged_adapters} are merged: unmerge before choosing adapters per row")
+        for name, index in self._row_groups.items():
+            result = result.index_add(0, index, self._branch(name, x.index_select(0, index), result.dtype))
+        return result
+
+    def merge(self, names: Optional[Sequence[str]] = None) -> None:
+        """`W0 ← W0 + ΔW` for each named adapter (default: the active one); after it the layer runs at base speed."""
+        for name in self._names(names):
+            if name not in self.merged_adapters:
+                self._add_to_weight(self.adapters[name].delta_weight(), sign=1.0)
+                self.merged_adapters.append(name)
+
+    def unmerge(self, names: Optional[Sequence[str]] = None) -> None:
+        """Subtract merged adapters again (default: all merged ones, newest first)."""
+        targets = list(names) if names is not None else list(self.merged_adapters)
+        for name in reversed(targets):
+            if name in self.merged_adapters:
+                self._add_to_weight(self.adapters[name].delta_weight(), sign=-1.0)
+                self.merged_adapters.remove(name)
+
+    def _names(self, names: Optional[Sequence[str]]) -> list[str]:
+        if names is None:
+            return [self.active_adapter] if self.active_adapter is not None else []
+        missing = [n for n in names if n not in self.adapters]
+        if missing:
+            raise KeyError(f"no adapter named {missing[0]!r} on this layer")
+        return list(names)
+
+    @torch.no_grad()
+    def _add_to_weight(self, delta: torch.Tensor, sign: float) -> None:
+        weight = self.base_layer.weight
+        delta = delta.detach().to(torch.float32)
+        if self.transposed:
+            delta = delta.T
+        weight.copy_((weight.float() + sign * delta).to(weight.dtype))
+
+    @torch.no_grad()
+    def fold_into_base(self, name: str) -> None:
+        """Add an adapter's update to the base weight for good (not tracked as merged): ReMoRA's restart."""
+        self._add_to_weight(self.adapters[name].delta_weight(), sign=1.0)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, active={self.active_adapter!r}"
