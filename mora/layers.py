@@ -14,6 +14,7 @@ from torch import nn
 
 from mora import functional as MF
 from mora.config import AdapterConfig, LoRAConfig, MoRAConfig
+from mora.fused import can_fuse, sharing_add
 
 
 class MoRAAdapter(nn.Module):
@@ -39,6 +40,13 @@ class MoRAAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return MF.mora_forward(self.dropout(x), self.weight, self.in_features, self.out_features, self.variant)
+
+    def add_to(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`result + branch(x)`; sharing takes the fused path, which adds into `result` in place."""
+        x = x.to(self.weight.dtype)
+        if self.variant == "sharing" and can_fuse(self.in_features, self.r_hat):
+            return sharing_add(result, self.dropout(x), self.weight)
+        return result + self(x).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return MF.mora_delta_weight(self.weight, self.in_features, self.out_features, self.variant)
@@ -73,6 +81,9 @@ class LoRAAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(nn.functional.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def add_to(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return result + self(x.to(self.lora_A.dtype)).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
@@ -175,7 +186,7 @@ class AdaptedLinear(nn.Module):
         name = self.active_adapter
         if name is None or name in self.merged_adapters:
             return result
-        return result + self._branch(name, x, result.dtype)
+        return self.adapters[name].add_to(result, x)
 
     def _forward_per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         rows = self.row_adapters

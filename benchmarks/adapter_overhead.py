@@ -1,0 +1,102 @@
+"""Forward+backward time of a frozen linear layer with MoRA against LoRA at the same parameter budget.
+
+Side by side in one run, interleaved, on LLaMA-7B layer shapes: MoRA rope r=8 against LoRA r=8, MoRA sharing r=256
+against LoRA r=256, and a merged MoRA layer against the bare base layer. On a GPU: the real shapes, 8192 tokens,
+bfloat16. On a CPU: the shapes divided by --cpu-scale (default 4) and fewer tokens, float32.
+
+    python benchmarks/adapter_overhead.py [--device cuda] [--repeats 30]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from mora import LoRAConfig, MoRAConfig
+from mora.layers import AdaptedLinear
+
+LLAMA_7B_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+PAIRS = [("rope", 8), ("sharing", 256)]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    x.grad = None
+    layer(x).backward(grad)
+
+
+def _layers(k: int, d: int, variant: str, r: int, dtype: torch.dtype, device: torch.device) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    base = nn.Linear(k, d, bias=False).to(device=device, dtype=dtype).requires_grad_(False)
+    layers = {"base": base}
+    for label, config in ((f"lora r={r}", LoRAConfig(r=r)), (f"mora {variant} r={r}", MoRAConfig(r=r, variant=variant))):
+        layer = AdaptedLinear(base)
+        layer.add_adapter("a", config)
+        layer.active_adapter = "a"
+        with torch.no_grad():
+            for p in layer.adapters["a"].parameters():
+                p.normal_(0, 0.01)
+        layers[label] = layer
+    merged = AdaptedLinear(nn.Linear(k, d, bias=False).to(device=device, dtype=dtype).requires_grad_(False))
+    merged.add_adapter("a", MoRAConfig(r=r, variant=variant))
+    merged.active_adapter = "a"
+    merged.merge()
+    layers[f"mora {variant} r={r} merged"] = merged
+    return layers
+
+
+def measure(k: int, d: int, variant: str, r: int, tokens: int, repeats: int, dtype: torch.dtype,
+            device: torch.device) -> dict[str, float]:
+    layers = _layers(k, d, variant, r, dtype, device)
+    x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, d, device=device, dtype=dtype)
+    times: dict[str, list[float]] = {label: [] for label in layers}
+    for _ in range(3):
+        for layer in layers.values():
+            _step(layer, x, grad)
+    for _ in range(repeats):  # interleaved, so drift in machine load hits every layer alike
+        for label, layer in layers.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            _step(layer, x, grad)
+            _synchronize(device)
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) * 1000 for label, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--tokens", type=int, default=None)
+    parser.add_argument("--cpu-scale", type=int, default=4, help="divide the layer shapes by this on a CPU")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    tokens = args.tokens or (8192 if on_gpu else 512)
+    repeats = args.repeats or (50 if on_gpu else 15)
+    scale = 1 if on_gpu else args.cpu_scale
+    machine = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# adapter overhead: {machine}, {dtype}, {tokens} tokens, median of {repeats}, forward+backward (ms)")
+    print(f"| shape (k→d) | pair | base | LoRA | MoRA | MoRA/LoRA | merged MoRA/base |")
+    print("|---|---|---|---|---|---|---|")
+    for k, d in LLAMA_7B_SHAPES:
+        k, d = k // scale, d // scale
+        for variant, r in PAIRS:
+            t = measure(k, d, variant, r, tokens, repeats, dtype, device)
+            lora, mora_ = t[f"lora r={r}"], t[f"mora {variant} r={r}"]
+            merged, base = t[f"mora {variant} r={r} merged"], t["base"]
+            print(f"| {k}→{d} | {variant} r={r} vs LoRA r={r} | {base:.2f} | {lora:.2f} | {mora_:.2f} "
+                  f"| {mora_ / lora:.3f} | {merged / base:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
