@@ -1,0 +1,20 @@
+"""The workers' configuration, read from the environment in this one place (ARCHITECTURE.md, "Configuration")."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    """MORA_DATA_DIR (default ./data): datasets, runs and adapters; shared between hosts when scaling out."""
+    return Path(os.environ.get("MORA_DATA_DIR", "data")).expanduser().resolve()
+
+
+def models_dir() -> Path:
+    """MORA_MODELS_DIR (default $MORA_DATA_DIR/models): local transformers folders, one per model."""
+    configured = os.environ.get("MORA_MODELS_DIR")
+    return Path(configured).expanduser().resolve() if configured else data_dir() / "models"
+
+
+def runs_dir() -> Path:
+    return data_dir() / "runs"
