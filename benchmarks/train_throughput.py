@@ -1,0 +1,81 @@
+"""Training throughput (tokens/s) of MoRA against LoRA on the default model, side by side in one run.
+
+Pairs: MoRA rope r=8 vs LoRA r=8, MoRA sharing r=256 vs LoRA r=256. Same data (packed text, so every example is
+exactly --max-length tokens and no padding skews the count), same seed, same batch; each method runs --rounds times,
+interleaved (A B C D A B C D), and the figure is the median tokens/s over the steps after warm-up, as the training
+engine itself reports them.
+
+    python benchmarks/train_throughput.py [--steps 6] [--rounds 2] [--batch-size 4] [--max-length 128]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from workers.events import read_events
+from workers.train_config import TrainConfig
+from workers.training import run_training
+
+METHODS = [("lora", 8, None), ("mora", 8, "rope"), ("lora", 256, None), ("mora", 256, "sharing")]
+WORDS = ("model adapter rank matrix memory update token layer square budget learning compress rotate chunk "
+         "gradient optimizer train evaluate sequence attention projection").split()
+
+
+def write_corpus(folder: Path, documents: int = 400, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    path = folder / "corpus.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(200)) for _ in range(documents)) + "\n")
+    return path
+
+
+def label(adapter: str, r: int, variant: str | None) -> str:
+    return f"{adapter} {variant + ' ' if variant else ''}r={r}"
+
+
+def measure(model: str | None, data: Path, workdir: Path, adapter: str, r: int, variant: str | None,
+            args: argparse.Namespace, round_index: int) -> list[float]:
+    config = TrainConfig(data=str(data), model=model, adapter=adapter, r=r, variant=variant, max_steps=args.steps,
+                         batch_size=args.batch_size, max_length=args.max_length, seed=0, lr_scheduler="constant",
+                         warmup_ratio=0.0)
+    run_dir = workdir / f"{adapter}-{variant}-{r}-{round_index}"
+    result = run_training(config, run_dir)
+    if result.status != "succeeded":
+        raise SystemExit(f"{label(adapter, r, variant)} failed: {result.message}")
+    steps = [e for e in read_events(run_dir / "metrics.jsonl") if e["kind"] == "step"]
+    return [e["tokens_per_second"] for e in steps[args.warmup:]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model name or folder (default: the default model)")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the figure")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    samples: dict[str, list[float]] = {label(*m): [] for m in METHODS}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        data = write_corpus(workdir)
+        for round_index in range(args.rounds):
+            for method in METHODS:
+                samples[label(*method)] += measure(args.model, data, workdir, *method, args, round_index)
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    print(f"# training throughput: {args.model or 'default model'}, {device}, batch {args.batch_size}x"
+          f"{args.max_length}, {args.rounds} rounds x {args.steps - args.warmup} measured steps, median tokens/s")
+    print("| pair | LoRA tok/s | MoRA tok/s | MoRA / LoRA |")
+    print("|---|---|---|---|")
+    for lora, mora_ in ((METHODS[0], METHODS[1]), (METHODS[2], METHODS[3])):
+        a, b = median[label(*lora)], median[label(*mora_)]
+        print(f"| {label(*mora_)} vs {label(*lora)} | {a:,.0f} | {b:,.0f} | {b / a:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

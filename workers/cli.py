@@ -1,0 +1,208 @@
+"""The command-line faces of the engine: `train`, `chat`, `models`.
+
+Argument parsers are built here from `TrainConfig`'s own fields and help texts, so `--help` documents every option
+with its default and the CLI can never drift from the config. torch and transformers are imported only inside the
+commands, so `mora-studio --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from workers.train_config import ADAPTERS, ConfigError, TrainConfig
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, field.name)
+        help_text = field.metadata.get("help", "")
+        if "default" not in help_text:
+            help_text += f" (default: {default if default not in ('', None) else 'none'})"
+        kwargs: dict[str, Any] = {"dest": field.name, "help": help_text, "default": default}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif field.name == "target_modules":
+            kwargs.update(nargs="+", metavar="NAME")
+        elif field.name == "adapter":
+            kwargs["choices"] = ADAPTERS
+        elif field.name in ("learning_rate", "lora_alpha"):
+            kwargs["type"] = float
+        elif default is not None and not isinstance(default, str):
+            kwargs["type"] = type(default)
+        parser.add_argument(_option(field.name), **kwargs)
+    parser.add_argument("--out", required=True, type=Path, help="run folder to create (config, metrics, adapter)")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="continue from a checkpoint folder, or a run folder's latest checkpoint")
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model name or folder (default: the default model)")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="an adapter folder (or a run folder) to chat with; a full-fine-tuned model folder works too")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default: 0.7)")
+    parser.add_argument("--system", default=None, help="a system prompt (default: none)")
+
+
+def add_models_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--add", type=Path, default=None, metavar="FOLDER", help="register a local transformers folder")
+    parser.add_argument("--name", default=None, help="with --add: the name to list it under (default: folder name)")
+    parser.add_argument("--remove", default=None, metavar="NAME", help="unregister a model added with --add")
+    parser.add_argument("--prepare", action="store_true", help="convert the default model now (one time, about a minute)")
+
+
+class _ProgressLine:
+    """One updating terminal line: step, loss, tokens/s, ETA; other events print above it."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.started = time.monotonic()
+
+    def __call__(self, event: dict) -> None:
+        kind = event["kind"]
+        if kind == "step":
+            done, total = event["step"], max(event.get("max_steps") or 0, 1)
+            elapsed = time.monotonic() - self.started
+            eta = elapsed / max(done, 1) * max(total - done, 0)
+            bar = "#" * int(20 * done / total)
+            self.stream.write(f"\r[{bar:<20}] step {done}/{total} | loss {event['loss']:.4f} | "
+                              f"{event['tokens_per_second']:,.0f} tok/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+            self.stream.flush()
+        elif kind == "eval":
+            self._line(f"eval loss {event['eval_loss']:.4f} at step {event['step']}")
+        elif kind in ("log", "status") and event.get("message"):
+            prefix = event.get("status") or event.get("level", "info")
+            self._line(f"{prefix}: {event['message']}")
+        elif kind == "checkpoint":
+            self._line(f"checkpoint saved: {event['path']}")
+        elif kind == "data":
+            report = event["report"]
+            self._line(f"data: {event['rows']} rows ({event['schema']}) -> {event['train_examples']} train / "
+                       f"{event['eval_examples']} eval examples; {len(report.get('dropped', []))} dropped, "
+                       f"{len(report.get('truncated', []))} truncated")
+        elif kind == "adapter":
+            rank = event.get("effective_rank") or {}
+            extra = f", mean effective rank {rank['mean']:.1f}" if rank else ""
+            self._line(f"saved {event['output_kind']} to {event['path']} ({event['size_bytes'] / 2**20:.1f} MiB, "
+                       f"{event['trainable_parameters']:,} trained parameters{extra})")
+
+    def _line(self, text: str) -> None:
+        self.stream.write("\r\033[K" + text + "\n")
+        self.stream.flush()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**values)
+    try:
+        config.validate()
+    except ConfigError as error:
+        print(f"mora-studio train: {error}", file=sys.stderr)
+        return 2
+    from workers.events import CallbackSink
+    from workers.training import latest_checkpoint, run_training
+
+    resume = args.resume
+    if resume is not None and not (resume / "trainer_state.json").exists():
+        resume = latest_checkpoint(resume)
+        if resume is None:
+            print(f"mora-studio train: no checkpoint found in {args.resume}", file=sys.stderr)
+            return 2
+    stop_requested = {"flag": False}
+
+    def on_interrupt(signum, frame):
+        if stop_requested["flag"]:
+            raise KeyboardInterrupt
+        stop_requested["flag"] = True
+        print("\nstopping after this step and saving the adapter (Ctrl-C again to abort)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        result = run_training(config, args.out, sinks=[CallbackSink(_ProgressLine())],
+                              should_stop=lambda: stop_requested["flag"], resume_from=resume)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if result.status == "failed":
+        print(f"mora-studio train: {result.message}", file=sys.stderr)
+        return 1
+    print(f"{result.status}: {result.steps} steps, final loss {result.final_loss}, run folder {result.run_dir}")
+    return 0
+
+
+def resolve_chat_target(model: Optional[str], adapter: Optional[Path]) -> tuple[Optional[str], Optional[Path]]:
+    """A run folder stands for its result: `adapter/` (base + adapter) or `model/` (a whole model)."""
+    if adapter is None:
+        return model, None
+    for candidate, is_model in ((adapter / "adapter", False), (adapter / "model", True)):
+        if candidate.is_dir():
+            return (str(candidate), None) if is_model else (model, candidate)
+    if (adapter / "config.json").exists() and not (adapter / "adapter_config.json").exists():
+        return str(adapter), None
+    return model, adapter
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import mora
+    from workers.generation import GenerationSettings, stream_chat
+    from workers.models import ModelError, load_model
+
+    model_name, adapter_dir = resolve_chat_target(args.model, args.adapter)
+    try:
+        model, tokenizer = load_model(model_name)
+        adapter = mora.load_adapter(model, adapter_dir, name="chat") if adapter_dir else None
+    except (ModelError, mora.AdapterFormatError, ValueError) as error:
+        print(f"mora-studio chat: {error}", file=sys.stderr)
+        return 2
+    model.eval()
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("Type a message; /reset starts over, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        print("model> ", end="", flush=True)
+        shown = ""
+        for texts in stream_chat(model, tokenizer, [messages], [adapter], settings):
+            print(texts[0][len(shown):], end="", flush=True)
+            shown = texts[0]
+        print()
+        messages.append({"role": "assistant", "content": shown})
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from workers.models import ModelError, add_model, describe_models_table, ensure_default_model, list_models, remove_model
+
+    try:
+        if args.add:
+            info = add_model(args.add, name=args.name)
+            print(f"added {info.name}: {info.path}")
+        if args.remove:
+            remove_model(args.remove)
+            print(f"removed {args.remove}")
+        if args.prepare:
+            ensure_default_model()
+    except ModelError as error:
+        print(f"mora-studio models: {error}", file=sys.stderr)
+        return 2
+    print(describe_models_table(list_models()))
+    return 0

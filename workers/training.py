@@ -1,0 +1,322 @@
+"""One training run: a model, an adapter from `mora`, the user's data, transformers' `Trainer`, and events out.
+
+The run is a plain function (`run_training`) so the command line, the queue worker and the tests all call the same
+thing. It talks to the outside only through an event publisher (see `workers.events`) and a `should_stop` callable
+checked between steps, so it never depends on who listens or who cancels.
+
+Run folder layout: `config.json` (the resolved config), `metrics.jsonl` (every event), `checkpoints/checkpoint-N`
+(adapter + optimizer + scheduler + RNG + data position), and the result: `adapter/` (the `mora` format) or, for full
+fine-tuning and ReMoRA (whose update lives in the base weights), `model/` (a transformers folder).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+import mora
+from workers.data import build_datasets, collate
+from workers.events import EventPublisher, EventSink, JsonlSink
+from workers.models import load_model, resolve_model
+from workers.train_config import TrainConfig
+
+ADAPTER_NAME = "adapter"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    status: str
+    run_dir: str
+    output_dir: Optional[str]
+    output_kind: Optional[str]
+    steps: int
+    final_loss: Optional[float]
+    message: str = ""
+
+
+def choose_dtype(preference: str) -> torch.dtype:
+    """bfloat16 on a GPU that supports it, float32 otherwise (CPU bf16 training is slower and less exact here)."""
+    if preference == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, preference)
+
+
+def adapter_config(config: TrainConfig) -> mora.AdapterConfig:
+    if config.adapter == "mora":
+        return mora.MoRAConfig(r=config.r, variant=config.variant, dropout=config.dropout,
+                               target_modules=config.target_modules)
+    return mora.LoRAConfig(r=config.r, alpha=config.lora_alpha, use_rslora=config.use_rslora,
+                           dropout=config.dropout, target_modules=config.target_modules)
+
+
+def saves_full_model(config: TrainConfig) -> bool:
+    """Full fine-tuning and ReMoRA change the base weights, so their checkpoints and result are whole models."""
+    return config.adapter == "full" or bool(config.remora_steps)
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+class EventCallback(TrainerCallback):
+    """Turns the Trainer's logs, evaluations and saves into events, and checks for cancellation between steps."""
+
+    def __init__(self, publisher: EventPublisher, should_stop: Callable[[], bool]) -> None:
+        self.publisher = publisher
+        self.should_stop = should_stop
+        self.cancelled = False
+        self.last_loss: Optional[float] = None
+        self._last_time = time.perf_counter()
+        self._last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time, self._last_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        elapsed = max(now - self._last_time, 1e-9)
+        self.last_loss = float(logs["loss"])
+        self.publisher.emit(
+            "step", step=state.global_step, max_steps=state.max_steps, loss=self.last_loss,
+            learning_rate=logs.get("learning_rate"), grad_norm=_float(logs.get("grad_norm")),
+            epoch=logs.get("epoch", state.epoch), tokens_seen=int(tokens),
+            tokens_per_second=(tokens - self._last_tokens) / elapsed, peak_memory_mb=_peak_memory_mb(),
+        )
+        self._last_time, self._last_tokens = now, tokens
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            self.publisher.emit("eval", step=state.global_step, eval_loss=float(metrics["eval_loss"]),
+                                epoch=state.epoch)
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.publisher.emit("checkpoint", step=state.global_step, path=str(path))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.cancelled and self.should_stop():
+            self.cancelled = True
+            self.publisher.log(f"cancel requested: stopping after step {state.global_step} and saving")
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def _float(value) -> Optional[float]:
+    return None if value is None else float(value)
+
+
+class RemoraCallback(TrainerCallback):
+    """Every N steps: fold M into the base, restart it and its optimizer state, and re-warm the learning rate."""
+
+    def __init__(self, every: int, warmup: int, publisher: EventPublisher) -> None:
+        self.every, self.warmup, self.publisher = every, warmup, publisher
+        self.last_merge = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """On resume, put each layer back on the grouping it had reached."""
+        merges = state.global_step // self.every
+        self.last_merge = merges * self.every
+        for _ in range(merges % len(mora.remora.CYCLES["reference"])):
+            for layer in mora.adapted_layers(model).values():
+                adapter = layer.adapters[ADAPTER_NAME]
+                adapter.variant = mora.remora.next_variant(adapter.variant)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            mora.reset_optimizer_state(optimizer, mora.remora_step(model, ADAPTER_NAME))
+            self.last_merge = state.global_step
+            self.publisher.log(f"ReMoRA: merged and restarted M at step {state.global_step}")
+        since = state.global_step - self.last_merge
+        if self.last_merge and since < self.warmup:
+            for group in optimizer.param_groups:  # the scheduler set lr afresh this step; scale it for the next
+                group["lr"] *= (since + 1) / self.warmup
+
+
+class StudioTrainer(Trainer):
+    """A Trainer whose checkpoints hold the adapter alone (megabytes, not the whole base model)."""
+
+    def __init__(self, *args, adapter_only: bool, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.adapter_only = adapter_only
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        if not self.adapter_only:
+            return super()._save(output_dir, state_dict=state_dict)
+        mora.save_adapter(self.model, ADAPTER_NAME, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self.adapter_only:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        target = model or self.model
+        mora.remove_adapter(target, ADAPTER_NAME)
+        mora.load_adapter(target, resume_from_checkpoint, name=ADAPTER_NAME)
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    checkpoints = sorted((Path(run_dir) / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def _training_arguments(config: TrainConfig, run_dir: Path, has_eval: bool, dtype: torch.dtype) -> TrainingArguments:
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if has_eval and config.eval_steps else "no",
+        eval_steps=config.eval_steps or None,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=on_gpu and dtype == torch.bfloat16 and config.adapter == "full",
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not on_gpu,
+        report_to=[],
+        disable_tqdm=True,
+        log_level="warning",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_gpu,
+        save_only_model=False,
+    )
+
+
+def run_training(
+    config: TrainConfig,
+    run_dir: Path,
+    run_id: Optional[str] = None,
+    sinks: Iterable[EventSink] = (),
+    should_stop: Callable[[], bool] = lambda: False,
+    resume_from: Optional[Path] = None,
+) -> TrainResult:
+    """Train one model as `config` says, writing the run folder and emitting events; never raises for a bad run:
+    the result (and a `status` event) says `failed` with the reason."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    publisher = EventPublisher(run_id or uuid.uuid4().hex[:12], [JsonlSink(run_dir / "metrics.jsonl"), *sinks])
+    try:
+        config.validate()
+        config = config.resolved()
+        config.save(run_dir / "config.json")
+        publisher.status("running", "loading model and data")
+        return _train(config, run_dir, publisher, should_stop, resume_from)
+    except Exception as error:  # the user sees a message; the traceback stays in the log line for developers
+        message = _user_message(error)
+        publisher.log(f"{type(error).__name__}: {error}", level="error")
+        publisher.status("failed", message)
+        result = TrainResult("failed", str(run_dir), None, None, 0, None, message)
+        (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+        return result
+
+
+def _user_message(error: Exception) -> str:
+    if isinstance(error, ValueError):
+        return str(error)
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "the GPU ran out of memory: lower batch_size or max_length, or enable gradient_checkpointing"
+    return f"training failed: {type(error).__name__}: {error}"
+
+
+def _train(config: TrainConfig, run_dir: Path, publisher: EventPublisher, should_stop, resume_from) -> TrainResult:
+    dtype = choose_dtype(config.dtype)
+    model_info = resolve_model(config.model)
+    load_dtype = torch.float32 if config.adapter == "full" else dtype
+    model, tokenizer = load_model(model_info.name if model_info.is_default else model_info.path, dtype=load_dtype)
+    publisher.log(f"model {model_info.name} ({model_info.parameters:,} parameters) loaded in {load_dtype}")
+    data = build_datasets(config.data, tokenizer, config.max_length, eval_path=config.eval_data,
+                          eval_fraction=config.eval_fraction, seed=config.seed)
+    publisher.emit("data", report=asdict(data.report), schema=data.info.schema, rows=data.info.rows,
+                   train_examples=len(data.train), eval_examples=len(data.eval))
+    if not data.train:
+        raise ValueError(f"{config.data}: no training example left after preparation")
+    set_seed(config.seed)
+    if config.adapter == "full":
+        model.requires_grad_(True)
+        trainable = sum(p.numel() for p in model.parameters())
+    else:
+        info = mora.add_adapter(model, ADAPTER_NAME, adapter_config(config))
+        trainable = info.trainable_parameters
+        budget = f" (LoRA at r={config.r}: {info.lora_equivalent_parameters:,})" if config.adapter == "mora" else ""
+        publisher.log(f"{config.adapter} adapter on {len(info.layers)} layers: {trainable:,} trainable parameters{budget}")
+    callback = EventCallback(publisher, should_stop)
+    callbacks = [callback]
+    if config.remora_steps:
+        callbacks.append(RemoraCallback(config.remora_steps, config.remora_warmup, publisher))
+    trainer = StudioTrainer(
+        model=model,
+        args=_training_arguments(config, run_dir, bool(data.eval), dtype),
+        train_dataset=data.train,
+        eval_dataset=data.eval or None,
+        data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
+        callbacks=callbacks,
+        adapter_only=not saves_full_model(config),
+    )
+    trainer.remove_callback(PrinterCallback)  # progress goes out as events, not as dicts printed to stdout
+    if resume_from is not None:
+        publisher.log(f"resuming from {resume_from}")
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if data.eval and not callback.cancelled:
+        trainer.evaluate()
+    output_dir, kind = _save_result(model, tokenizer, config, run_dir, publisher, trainable)
+    status = "cancelled" if callback.cancelled else "succeeded"
+    message = f"stopped at step {trainer.state.global_step}" if callback.cancelled else "done"
+    publisher.status(status, message)
+    result = TrainResult(status, str(run_dir), str(output_dir), kind, trainer.state.global_step, callback.last_loss,
+                         message)
+    (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def _save_result(model, tokenizer, config: TrainConfig, run_dir: Path, publisher: EventPublisher,
+                 trainable: int) -> tuple[Path, str]:
+    """Write the adapter (or whole model) and report its size and the effective rank of its update."""
+    if saves_full_model(config):
+        output_dir = run_dir / "model"
+        if config.adapter != "full":
+            model = mora.merge_and_unload(model, [ADAPTER_NAME])
+        model.save_pretrained(output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir)
+        publisher.emit("adapter", path=str(output_dir), output_kind="model", trainable_parameters=trainable,
+                       size_bytes=folder_size(output_dir), effective_rank=None, layers=[])
+        return output_dir, "model"
+    output_dir = run_dir / "adapter"
+    mora.save_adapter(model, ADAPTER_NAME, output_dir, base_model_name_or_path=config.model or "")
+    spectra = mora.delta_spectrum(model, ADAPTER_NAME)
+    info = mora.adapter_info(model, ADAPTER_NAME)
+    publisher.emit(
+        "adapter", path=str(output_dir), output_kind="adapter", trainable_parameters=trainable,
+        size_bytes=folder_size(output_dir), effective_rank=mora.effective_rank_summary(spectra),
+        r_hat=sorted(set(info.r_hat.values())),
+        layers=[{"layer": s.path, "effective_rank": s.effective_rank, "shape": list(s.shape)} for s in spectra],
+    )
+    return output_dir, "adapter"
