@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "up":
+        from workers.models import ensure_default_model
+
+        ensure_default_model()  # one time: the default model is converted from its PyPI package
         print("mora-studio up: the web studio is not yet available; `mora-studio train` and `chat` are (see README).")
         return 0
     handlers = {"train": engine_cli.cmd_train, "chat": engine_cli.cmd_chat, "models": engine_cli.cmd_models}

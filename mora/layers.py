@@ -14,7 +14,7 @@ from torch import nn
 
 from mora import functional as MF
 from mora.config import AdapterConfig, LoRAConfig, MoRAConfig
-from mora.fused import can_fuse, sharing_add
+from mora.fused import sharing_add
 
 
 class MoRAAdapter(nn.Module):
@@ -44,7 +44,7 @@ class MoRAAdapter(nn.Module):
     def add_to(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`result + branch(x)`; sharing takes the fused path, which adds into `result` in place."""
         x = x.to(self.weight.dtype)
-        if self.variant == "sharing" and can_fuse(self.in_features, self.r_hat):
+        if self.variant == "sharing":
             return sharing_add(result, self.dropout(x), self.weight)
         return result + self(x).to(result.dtype)
 

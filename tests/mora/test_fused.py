@@ -3,14 +3,15 @@ import pytest
 import torch
 
 from mora import functional as MF
-from mora.fused import can_fuse, sharing_add
+from mora.fused import sharing_add
 
-SHAPES = [(40, 12, 6), (17, 23, 5), (12, 12, 12), (32, 64, 8), (50, 7, 9), (30, 31, 10)]
+# k ≥ r̂ with and without a wrapped tail, k < r̂ (one chunk, x repeated), d < r̂, d not divisible by r̂
+SHAPES = [(40, 12, 6), (17, 23, 5), (12, 12, 12), (32, 64, 8), (50, 7, 9), (30, 31, 10), (6, 10, 8), (5, 7, 13),
+          (3, 20, 7)]
 
 
 @pytest.mark.parametrize("k,d,side", SHAPES)
 def test_fused_sharing_matches_functional_forward_and_gradients(k, d, side):
-    assert can_fuse(k, side)
     torch.manual_seed(0)
     base = torch.randn(2, 3, d, dtype=torch.float64)
     x = torch.randn(2, 3, k, dtype=torch.float64, requires_grad=True)
@@ -29,12 +30,9 @@ def test_fused_sharing_matches_functional_forward_and_gradients(k, d, side):
     torch.testing.assert_close(base_leaf.grad, grad)
 
 
-def test_fused_sharing_gradcheck():
-    x = torch.randn(3, 17, dtype=torch.float64, requires_grad=True)
-    M = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
-    base = torch.randn(3, 23, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("k,d,side", [(17, 23, 5), (3, 20, 7)])
+def test_fused_sharing_gradcheck(k, d, side):
+    x = torch.randn(3, k, dtype=torch.float64, requires_grad=True)
+    M = torch.randn(side, side, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(3, d, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda b, a, m: sharing_add(b * 1.0, a, m), (base, x, M))
-
-
-def test_small_layers_take_the_plain_path():
-    assert not can_fuse(6, 8)
