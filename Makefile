@@ -5,7 +5,9 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 
-.PHONY: up test test-slow test-gpu bench venv clean
+SYSTEM_STAMP := $(VENV)/.system-packages
+
+.PHONY: up test test-slow test-gpu bench venv system-packages clean
 
 venv: $(STAMP)
 
@@ -20,7 +22,18 @@ $(STAMP): pyproject.toml
 up: $(STAMP)
 	$(VENV)/bin/mora-studio up
 
-test: $(STAMP)
+# Tests drive the real browser (Debian chromium) and validate docker-compose.yml (Debian docker-compose).
+system-packages: $(SYSTEM_STAMP)
+
+$(SYSTEM_STAMP): | $(STAMP)
+	@if ! command -v chromium >/dev/null || ! command -v docker-compose >/dev/null; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium docker-compose >/dev/null; \
+		else echo "install chromium and docker-compose (Debian packages) to run the browser and compose tests"; exit 1; fi; \
+	fi
+	touch $(SYSTEM_STAMP)
+
+test: $(STAMP) $(SYSTEM_STAMP)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

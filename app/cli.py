@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from workers import cli as engine_cli
 
 ENVIRONMENT = """environment:
-  MORA_DATA_DIR     datasets, runs, adapters and logs (default: ./data)
-  MORA_MODELS_DIR   local transformers model folders (default: $MORA_DATA_DIR/models)
+  MORA_DATA_DIR       datasets, runs, adapters, logs and the SQLite store (default: ./data)
+  MORA_DB_URL         the run store (default: sqlite:///$MORA_DATA_DIR/studio.db; postgresql+psycopg://... works)
+  REDIS_URL           the broker and event bus; unset: `up` starts an embedded Redis on loopback
+  MORA_MODELS_DIR     local transformers model folders (default: $MORA_DATA_DIR/models)
+  MORA_HOST/MORA_PORT where the web app listens (default: 127.0.0.1:7860)
+  MORA_AUTH           user:password turns on the login page (default: off)
+  MORA_MAX_UPLOAD_MB  largest dataset upload (default: 512)
 """
 
 
@@ -20,34 +26,48 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("up", help="start the studio on this machine (web, worker, embedded Redis)")
     defaults = argparse.ArgumentDefaultsHelpFormatter
+    up = commands.add_parser("up", help="start the studio on this machine: web, workers and (unless REDIS_URL is "
+                                        "set) an embedded Redis; Ctrl-C stops all of it", formatter_class=defaults)
+    up.add_argument("--gpus", default="", help="GPU indices for training workers, e.g. 0,1 (default: CPU)")
+    up.add_argument("--no-prepare", action="store_true",
+                    help="do not convert the default model now (it is converted on its first use instead)")
+    worker = commands.add_parser("worker", help="join the worker pool (REDIS_URL must point at the shared Redis)",
+                                 formatter_class=defaults)
+    worker.add_argument("--gpus", default="", help="GPU indices: one training worker per GPU (empty: one on the CPU)")
+    worker.add_argument("--queues", default="train,chat", help="queues to serve: train, chat or both")
+    commands.add_parser("web", help="run the web app and the event collector (what `up` starts)")
     train = commands.add_parser("train", help="fine-tune a model in the foreground, leaving a run folder",
                                 description="Fine-tune a model with MoRA, LoRA or full fine-tuning. Ctrl-C stops "
                                             "after the current step and saves the adapter so far.")
     engine_cli.add_train_arguments(train)
-    chat = commands.add_parser("chat", help="chat in the terminal with a model and an adapter",
-                               formatter_class=defaults)
+    chat = commands.add_parser("chat", help="chat in the terminal with a model and an adapter", formatter_class=defaults)
     engine_cli.add_chat_arguments(chat)
     models = commands.add_parser("models", help="list, add or prepare models")
     engine_cli.add_models_arguments(models)
+    submit = commands.add_parser("submit", help="queue a training run from a YAML or JSON config (train's options)")
+    submit.add_argument("config", type=Path, help="a file of train settings, e.g. {data: my.jsonl, adapter: mora, r: 8}")
+    submit.add_argument("--name", default="", help="a name for the run")
+    commands.add_parser("runs", help="list runs, newest first")
+    for name, text in (("status", "show one run"), ("cancel", "cancel a queued or running run"),
+                       ("resume", "resume a failed or cancelled run from its last checkpoint, as a new run"),
+                       ("logs", "print a run's log lines")):
+        commands.add_parser(name, help=text).add_argument("run_id")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "up":
-        from workers.models import ensure_default_model
-
-        ensure_default_model()  # one time: the default model is converted from its PyPI package
-        print("mora-studio up: the web studio is not yet available; `mora-studio train` and `chat` are (see README).")
+    if args.command is None:
+        parser.print_help()
         return 0
-    handlers = {"train": engine_cli.cmd_train, "chat": engine_cli.cmd_chat, "models": engine_cli.cmd_models}
-    if args.command in handlers:
-        return handlers[args.command](args)
-    parser.print_help()
-    return 0
+    if args.command in ("train", "chat", "models"):
+        return {"train": engine_cli.cmd_train, "chat": engine_cli.cmd_chat, "models": engine_cli.cmd_models}[
+            args.command](args)
+    from app import commands
+
+    return commands.run(args)
 
 
 if __name__ == "__main__":

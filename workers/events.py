@@ -83,10 +83,10 @@ class EventPublisher:
                 except Exception:
                     self._broken.add(index)
 
-    def status(self, status: str, message: str = "") -> None:
+    def status(self, status: str, message: str = "", **extra: Any) -> None:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
-        self.emit("status", status=status, message=message)
+        self.emit("status", status=status, message=message, **extra)
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit("log", level=level, message=message)

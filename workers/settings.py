@@ -18,3 +18,14 @@ def models_dir() -> Path:
 
 def runs_dir() -> Path:
     return data_dir() / "runs"
+
+
+def redis_url() -> str | None:
+    """REDIS_URL: the broker and event bus shared by every host; unset on one machine means an embedded Redis."""
+    return os.environ.get("REDIS_URL") or None
+
+
+def worker_gpus() -> list[str]:
+    """MORA_GPUS (set by `mora-studio worker --gpus`): the GPU indices this worker host trains on."""
+    value = os.environ.get("MORA_GPUS", "").strip()
+    return [g for g in value.split(",") if g]

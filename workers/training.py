@@ -218,6 +218,7 @@ def run_training(
     sinks: Iterable[EventSink] = (),
     should_stop: Callable[[], bool] = lambda: False,
     resume_from: Optional[Path] = None,
+    worker: str = "",
 ) -> TrainResult:
     """Train one model as `config` says, writing the run folder and emitting events; never raises for a bad run:
     the result (and a `status` event) says `failed` with the reason."""
@@ -228,7 +229,7 @@ def run_training(
         config.validate()
         config = config.resolved()
         config.save(run_dir / "config.json")
-        publisher.status("running", "loading model and data")
+        publisher.status("running", "loading model and data", worker=worker)
         return _train(config, run_dir, publisher, should_stop, resume_from)
     except Exception as error:  # the user sees a message; the traceback stays in the log line for developers
         message = _user_message(error)

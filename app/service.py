@@ -1,0 +1,83 @@
+"""The service layer behind every face of the studio (the web UI and the `submit/runs/status/cancel/resume/logs`
+commands): submit, cancel, resume, list. It talks to the store and to the workers' public API only."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from app import settings
+from storage.repo import Store
+from storage.records import RunRecord
+from workers import api
+from workers.train_config import ConfigError, TrainConfig
+
+CANCELLABLE = ("queued", "running")
+RESUMABLE = ("failed", "cancelled")
+
+
+class ServiceError(ValueError):
+    """An action the user asked for that cannot be done, with the reason."""
+
+
+def has_checkpoint(run_dir: Optional[str]) -> bool:
+    return bool(run_dir) and any((Path(run_dir) / "checkpoints").glob("checkpoint-*"))
+
+
+class StudioService:
+    def __init__(self, store: Store, runs_dir: Optional[Path] = None) -> None:
+        self.store = store
+        self.runs_dir = Path(runs_dir or settings.runs_dir())
+
+    def submit(self, config: TrainConfig | dict[str, Any], name: str = "", tags: Iterable[str] = (),
+               group_name: Optional[str] = None, dataset_id: Optional[int] = None,
+               parent: Optional[RunRecord] = None) -> RunRecord:
+        """Record a run as queued and send it to the training queue; answers at once."""
+        if isinstance(config, dict):
+            config = TrainConfig.from_dict(config)
+        config.validate()
+        resolved = config.resolved()
+        label = name or resolved.name or f"{resolved.adapter} r={resolved.r}" + (
+            f" {resolved.variant}" if resolved.adapter == "mora" else "")
+        run = self.store.create_run(
+            resolved.to_dict(), name=label, model=resolved.model or "", adapter=resolved.adapter, r=resolved.r,
+            variant=resolved.variant, dataset_id=dataset_id, tags=list(tags), group_name=group_name,
+            parent_id=parent.id if parent else None,
+        )
+        run_dir = self.runs_dir / run.id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run = self.store.set_output(run.id, run_dir=str(run_dir))
+        api.submit_training(run.id, resolved.to_dict(), str(run_dir), resume_from=parent.run_dir if parent else None)
+        return run
+
+    def cancel(self, run_id: str) -> RunRecord:
+        run = self.store.get_run(run_id)
+        if run.status not in CANCELLABLE:
+            raise ServiceError(f"run {run_id} is {run.status}; only queued or running runs can be cancelled")
+        api.request_cancel(run_id)
+        self.store.request_cancel(run_id)
+        if run.status == "queued":  # it will never start: the worker checks the flag first
+            self.store.set_status(run_id, "cancelled", message="cancelled before it started")
+        return self.store.get_run(run_id)
+
+    def resume(self, run_id: str) -> RunRecord:
+        """A new run, linked to its parent, that continues from the parent's last checkpoint."""
+        parent = self.store.get_run(run_id)
+        if parent.status not in RESUMABLE:
+            raise ServiceError(f"run {run_id} is {parent.status}; only failed or cancelled runs can be resumed")
+        if not has_checkpoint(parent.run_dir):
+            raise ServiceError(f"run {run_id} has no checkpoint to resume from (set save_steps to checkpoint runs)")
+        return self.submit(parent.config, name=f"{parent.name} (resumed)", tags=parent.tags,
+                           group_name=parent.group_name, dataset_id=parent.dataset_id, parent=parent)
+
+    def runs(self, status: Optional[str] = None) -> list[RunRecord]:
+        return self.store.list_runs(status=status)
+
+    def run(self, run_id: str) -> RunRecord:
+        return self.store.get_run(run_id)
+
+    def logs(self, run_id: str, after_seq: int = -1) -> list:
+        self.store.get_run(run_id)
+        return self.store.run_logs(run_id, after_seq=after_seq)
+
+
+__all__ = ["StudioService", "ServiceError", "ConfigError"]

@@ -1,0 +1,46 @@
+"""The web app's configuration, read from the environment in this one place."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("MORA_DATA_DIR", "data")).expanduser().resolve()
+
+
+def host() -> str:
+    """MORA_HOST: 127.0.0.1 unless told otherwise; binding wider is the operator's explicit choice."""
+    return os.environ.get("MORA_HOST", "127.0.0.1")
+
+
+def port() -> int:
+    return int(os.environ.get("MORA_PORT", "7860"))
+
+
+def auth() -> Optional[tuple[str, str]]:
+    """MORA_AUTH=user:password turns on the login page."""
+    value = os.environ.get("MORA_AUTH", "")
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("MORA_AUTH must be user:password")
+    return user, password
+
+
+def max_upload_mb() -> int:
+    return int(os.environ.get("MORA_MAX_UPLOAD_MB", "512"))
+
+
+def runs_dir() -> Path:
+    return data_dir() / "runs"
+
+
+def datasets_dir() -> Path:
+    return data_dir() / "datasets"
+
+
+def logs_dir() -> Path:
+    return data_dir() / "logs"

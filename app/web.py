@@ -1,0 +1,30 @@
+"""The web process: the run store, the event collector (worker events → store) and the Gradio app, together."""
+from __future__ import annotations
+
+import logging
+import os
+
+from app import settings
+
+log = logging.getLogger(__name__)
+
+
+def serve(prevent_thread_lock: bool = False):
+    """Start the collector and the web app on MORA_HOST:MORA_PORT; returns the app when not blocking (tests)."""
+    from app.service import StudioService
+    from app.ui import build_app
+    from storage.repo import Store
+    from workers.collector import Collector
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    store = Store()
+    redis_url = os.environ.get("REDIS_URL")
+    collector = Collector(store, redis_url).start() if redis_url else None
+    if collector is None:
+        log.warning("REDIS_URL is not set: no worker events will be collected")
+    app = build_app(StudioService(store))
+    app.queue(default_concurrency_limit=8)
+    app.launch(server_name=settings.host(), server_port=settings.port(), auth=settings.auth(),
+               max_file_size=f"{settings.max_upload_mb()}mb", prevent_thread_lock=prevent_thread_lock,
+               show_error=False, allowed_paths=[], footer_links=[])
+    return app

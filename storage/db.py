@@ -1,0 +1,82 @@
+"""Engines and schema migration.
+
+SQLite is the default store, written by the web process while the UI reads it, so every connection runs in WAL mode
+(readers never block the writer) with a busy timeout (a second writer waits instead of failing), and foreign keys on
+(SQLite ignores ON DELETE otherwise). sqlite3's own transaction handling is switched off so that SQLAlchemy emits the
+BEGIN: a plain BEGIN for reads, BEGIN IMMEDIATE for writes, so a read-then-write unit takes the write lock first and
+cannot fail half way with "database is locked".
+
+The schema is migrated with Alembic on open, from `storage/migrations/`, with the configuration built here: no
+alembic.ini is needed on disk, so an installed package migrates its own database.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, make_url, text
+
+from storage import settings
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+WRITE = {"storage_write": True}
+"""Execution options for a unit of work that writes: on SQLite it begins with BEGIN IMMEDIATE."""
+
+# synchronous=NORMAL is SQLite's advice for WAL: no fsync per commit, still never corrupt; a power cut may lose the
+# last commits, which the collector writes again when it replays the streams (every write it makes is idempotent).
+_SQLITE_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=ON", "PRAGMA busy_timeout=5000",
+                   "PRAGMA synchronous=NORMAL")
+# Any constant shared by every process; it serialises two stores migrating the same PostgreSQL database at once.
+_MIGRATION_LOCK_KEY = 0x6D6F7261
+
+
+def create_store_engine(url: Optional[str] = None) -> Engine:
+    """An engine for `url` (default: MORA_DB_URL), set up as the module docstring says; does not migrate."""
+    parsed = make_url(url or settings.db_url())
+    engine = create_engine(parsed)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection, connection_record) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in _SQLITE_PRAGMAS:
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection) -> None:
+        writes = connection.get_execution_options().get("storage_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+
+def alembic_config(url: Optional[str] = None) -> Config:
+    """The Alembic configuration in code; also what a developer passes to `alembic.command.revision`."""
+    config = Config()
+    # ConfigParser interpolates '%', which may appear in a path or a password.
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.set_main_option("sqlalchemy.url", (url or settings.db_url()).replace("%", "%%"))
+    return config
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision; a no-op when it is there already.
+
+    Runs in one transaction that first takes a lock (BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL),
+    so two processes opening a new database at once migrate it once.
+    """
+    with engine.connect().execution_options(**WRITE) as connection, connection.begin():
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+        config = alembic_config(engine.url.render_as_string(hide_password=False))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")

@@ -1,0 +1,140 @@
+"""What the store hands back: frozen, plain values.
+
+A caller never holds an ORM object or a session, so nothing it does later can trigger a lazy load on a closed session
+or write to the database by accident, and a record can cross a thread or a Gradio state freely. Field names are the
+column names, so `storage.repo` builds every record the same way. Datetimes are aware and in UTC.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    id: int
+    name: str
+    path: str
+    """Where the copied file lives, under MORA_DATA_DIR/datasets/."""
+    original_filename: str
+    sha256: str
+    file_format: str
+    schema: str
+    rows: int
+    columns: list[str]
+    preview: list[dict[str, Any]]
+    size_bytes: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: str
+    name: str
+    tags: list[str]
+    group_name: Optional[str]
+    """A named set of runs meant to be compared, such as a MoRA/LoRA pair at the same budget."""
+    config: dict[str, Any]
+    model: str
+    adapter: str
+    r: int
+    variant: Optional[str]
+    dataset_id: Optional[int]
+    status: str
+    status_message: str
+    error: Optional[str]
+    worker: Optional[str]
+    created_at: datetime
+    started_at: Optional[datetime]
+    finished_at: Optional[datetime]
+    parent_id: Optional[str]
+    """The run this one resumes, if any."""
+    run_dir: Optional[str]
+    output_dir: Optional[str]
+    output_kind: Optional[str]
+    step: int
+    max_steps: Optional[int]
+    last_loss: Optional[float]
+    last_eval_loss: Optional[float]
+    tokens_per_second: Optional[float]
+    tokens_seen: Optional[int]
+    peak_memory_mb: Optional[float]
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class MetricPointRecord:
+    run_id: str
+    name: str
+    step: int
+    value: Optional[float]
+    """None where the worker logged NaN or infinity: a gap in the curve."""
+    epoch: Optional[float]
+    tokens: Optional[int]
+    time: Optional[float]
+    """Unix seconds on the worker's clock."""
+
+
+@dataclass(frozen=True)
+class LogLineRecord:
+    run_id: str
+    seq: int
+    time: Optional[float]
+    level: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    run_id: str
+    kind: str
+    """`adapter` (adapter_config.json + weights) or `model` (a whole merged model folder)."""
+    path: str
+    size_bytes: Optional[int]
+    trainable_parameters: Optional[int]
+    r_hat: Optional[Any]
+    effective_rank: Optional[Any]
+    layers: Optional[Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ChatSessionRecord:
+    id: int
+    title: str
+    base_model: str
+    adapters: list[dict[str, Any]]
+    """[{"label": ..., "run_id": ...}, ...]: the adapters answering side by side, in column order."""
+    settings: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ChatMessageRecord:
+    id: int
+    session_id: int
+    turn: int
+    role: str
+    content: str
+    run_id: Optional[str]
+    """The run whose adapter wrote this answer; None for the user's turns and after that run is deleted."""
+    label: Optional[str]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class VoteRecord:
+    id: int
+    session_id: int
+    turn: int
+    winner_run_id: str
+    loser_run_id: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class VoteCounts:
+    run_id: str
+    wins: int
+    losses: int

@@ -1,0 +1,67 @@
+"""`mora-studio up` as a user runs it: it starts an embedded Redis, the workers and the web app, serves HTTP, and on
+Ctrl-C (SIGINT) stops every process it started."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.workers.queue_harness import wait_for
+from workers.embedded_redis import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_up_serves_http_and_stops_everything_on_sigint(tmp_path, tiny_model_dir):
+    port = free_port()
+    env = {**os.environ, "MORA_DATA_DIR": str(tmp_path / "data"), "MORA_PORT": str(port),
+           "MORA_MODELS_DIR": str(Path(tiny_model_dir).parent), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("REDIS_URL", None)
+    up = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--no-prepare"], env=env, cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: _http_ok(f"http://127.0.0.1:{port}/"), 120, "the web app to answer", every=0.5)
+        children = _children(up.pid)
+        assert len(children) == 4, children  # redis, the training worker, the chat worker, web
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in children]
+        assert any("redis-server" in c and "127.0.0.1" in c for c in commands)
+        assert sum("celery" in c for c in commands) == 2
+        assert (tmp_path / "data" / "logs" / "web.log").exists()
+        up.send_signal(signal.SIGINT)
+        output, _ = up.communicate(timeout=60)
+        assert up.returncode == 0, output
+        wait_for(lambda: not any(_alive(pid) for pid in children), 20, "every child process to exit")
+        assert "Ctrl-C stops everything" in output
+    finally:
+        if up.poll() is None:
+            up.kill()

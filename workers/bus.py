@@ -1,0 +1,171 @@
+"""Everything the studio keeps in Redis besides the Celery queues: run event streams, cancel flags, heartbeats,
+run states and the worker roster. One module names every key, so the worker, the collector and the web app agree.
+
+Event streams are per run and bounded. A Redis restart loses them (the embedded Redis keeps nothing on disk), so
+the stream sink remembers what it sent and re-sends all of it when it finds Redis emptied; the collector stores
+events idempotently, so a replay adds nothing twice.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from typing import Any, Optional
+
+import redis
+
+STREAM_MAXLEN = 100_000
+STATE_TTL_S = 30 * 24 * 3600
+HEARTBEAT_TTL_S = 15
+HEARTBEAT_EVERY_S = 5
+WORKER_TTL_S = 30
+
+STREAMS_SET = "mora:streams"
+WORKERS_SET = "mora:workers"
+
+
+def stream_key(run_id: str) -> str:
+    return f"mora:run:{run_id}:events"
+
+
+def cancel_key(run_id: str) -> str:
+    return f"mora:run:{run_id}:cancel"
+
+
+def heartbeat_key(run_id: str) -> str:
+    return f"mora:run:{run_id}:heartbeat"
+
+
+def state_key(run_id: str) -> str:
+    return f"mora:run:{run_id}:state"
+
+
+def marker_key(run_id: str) -> str:
+    return f"mora:run:{run_id}:marker"
+
+
+def worker_key(name: str) -> str:
+    return f"mora:worker:{name}"
+
+
+def connect(url: str) -> redis.Redis:
+    """A client that retries through short outages (a Redis restart) instead of failing the caller at once."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10, health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+class RedisStreamSink:
+    """Publishes a run's events on its stream and never loses one to a Redis outage or restart.
+
+    It keeps every payload it has sent. The marker key is set whenever the stream is known to hold all of them; if the
+    marker is gone (Redis restarted empty) or a publish failed (Redis down), the next publish re-sends the whole run.
+    Publishing never raises for a connection problem: the run goes on, and the replay catches up.
+    """
+
+    def __init__(self, client: redis.Redis, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self.sent: list[str] = []
+        self._replay = False
+        self._lock = threading.Lock()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        payload = json.dumps(event, default=str)
+        with self._lock:
+            self.sent.append(payload)
+            try:
+                if self._replay or not self.client.exists(marker_key(self.run_id)):
+                    self._publish(self.sent)
+                else:
+                    self._publish([payload])
+                self._replay = False
+            except (redis.ConnectionError, redis.TimeoutError):
+                self._replay = True
+
+    def _publish(self, payloads: list[str]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for payload in payloads:
+            pipe.xadd(stream_key(self.run_id), {"event": payload}, maxlen=STREAM_MAXLEN, approximate=True)
+        pipe.sadd(STREAMS_SET, stream_key(self.run_id))
+        pipe.set(marker_key(self.run_id), "1", ex=STATE_TTL_S)
+        pipe.execute()
+
+
+def request_cancel(client: redis.Redis, run_id: str) -> None:
+    client.set(cancel_key(run_id), "1", ex=STATE_TTL_S)
+
+
+def cancel_requested(client: redis.Redis, run_id: str) -> bool:
+    return bool(client.exists(cancel_key(run_id)))
+
+
+def set_state(client: redis.Redis, run_id: str, status: str) -> None:
+    client.set(state_key(run_id), status, ex=STATE_TTL_S)
+
+
+def get_state(client: redis.Redis, run_id: str) -> Optional[str]:
+    return client.get(state_key(run_id))
+
+
+class Heartbeat:
+    """A thread that keeps a run's heartbeat key alive while it trains; its absence means the worker is gone."""
+
+    def __init__(self, client: redis.Redis, run_id: str, worker: str) -> None:
+        self.client, self.run_id, self.worker = client, run_id, worker
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{run_id}")
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        try:
+            self.client.delete(heartbeat_key(self.run_id))
+        except redis.RedisError:
+            pass
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.client.set(heartbeat_key(self.run_id), self.worker, ex=HEARTBEAT_TTL_S)
+            except redis.RedisError:
+                pass  # Redis restarting: the next beat recreates the key
+            self._stop.wait(HEARTBEAT_EVERY_S)
+
+
+def heartbeat_alive(client: redis.Redis, run_id: str) -> bool:
+    return bool(client.exists(heartbeat_key(run_id)))
+
+
+def worker_name(queue: str) -> str:
+    return f"{queue}@{socket.gethostname()}"
+
+
+def announce_worker(client: redis.Redis, name: str, info: dict[str, Any]) -> None:
+    """Register a worker's device and state for the System tab; the key expires if the worker stops announcing."""
+    client.set(worker_key(name), json.dumps({**info, "name": name, "seen": time.time()}), ex=WORKER_TTL_S)
+    client.sadd(WORKERS_SET, name)
+
+
+def list_workers(client: redis.Redis) -> list[dict[str, Any]]:
+    workers = []
+    for name in sorted(client.smembers(WORKERS_SET)):
+        raw = client.get(worker_key(name))
+        if raw is None:
+            client.srem(WORKERS_SET, name)
+            continue
+        workers.append(json.loads(raw))
+    return workers
+
+
+def queue_lengths(client: redis.Redis, queues: tuple[str, ...] = ("train", "chat")) -> dict[str, int]:
+    return {queue: int(client.llen(queue)) for queue in queues}

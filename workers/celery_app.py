@@ -1,0 +1,43 @@
+"""The Celery application: Redis broker, two queues, JSON only, one job per worker process at a time.
+
+`train` jobs run one at a time per GPU (a worker process per GPU); `chat` jobs run on their own worker process so an
+answer never waits for a training run to end. Tasks are acknowledged late, so a job whose worker dies is not lost,
+and carry only ids and plain config dicts. Importing this module does not import torch: the web process sends tasks
+by name through `workers.api`.
+"""
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from workers.settings import redis_url
+
+TRAIN_QUEUE = "train"
+CHAT_QUEUE = "chat"
+TRAIN_TASK = "mora.train_run"
+CHAT_TASK = "mora.chat_generate"
+
+
+def make_celery(broker_url: str | None = None) -> Celery:
+    app = Celery("mora_studio", broker=broker_url or redis_url() or "redis://127.0.0.1:6379/0")
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=(Queue(TRAIN_QUEUE), Queue(CHAT_QUEUE)),
+        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, CHAT_TASK: {"queue": CHAT_QUEUE}},
+        task_default_queue=TRAIN_QUEUE,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 7 * 24 * 3600},  # long runs must not be redelivered
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        imports=("workers.tasks",),
+    )
+    return app
+
+
+app = make_celery()

@@ -1,0 +1,30 @@
+"""Celery tasks: thin wrappers that receive ids and plain dicts and call the plain functions that do the work."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from celery.signals import worker_ready, worker_shutdown
+
+from workers.celery_app import TRAIN_TASK, app
+from workers.queued import WorkerPresence, run_queued_training
+from workers.settings import redis_url
+
+_presence: dict[str, WorkerPresence] = {}
+
+
+@app.task(name=TRAIN_TASK, bind=True)
+def train_run(self, run_id: str, config: dict[str, Any], run_dir: str, resume_from: Optional[str] = None) -> str:
+    return run_queued_training(redis_url() or app.conf.broker_url, run_id, config, run_dir, resume_from,
+                               worker=self.request.hostname or "worker")
+
+
+@worker_ready.connect
+def _announce(sender=None, **kwargs) -> None:
+    queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
+    _presence["worker"] = WorkerPresence(redis_url() or app.conf.broker_url, sender.hostname, queues).start()
+
+
+@worker_shutdown.connect
+def _retire(**kwargs) -> None:
+    if "worker" in _presence:
+        _presence.pop("worker").stop()
