@@ -30,12 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start the studio on this machine: web, workers and (unless REDIS_URL is "
                                         "set) an embedded Redis; Ctrl-C stops all of it", formatter_class=defaults)
     up.add_argument("--gpus", default="", help="GPU indices for training workers, e.g. 0,1 (default: CPU)")
+    up.add_argument("--cpu-workers", type=int, default=1,
+                    help="training workers on the CPU when no --gpus are given (each runs one job at a time)")
     up.add_argument("--no-prepare", action="store_true",
                     help="do not convert the default model now (it is converted on its first use instead)")
     worker = commands.add_parser("worker", help="join the worker pool (REDIS_URL must point at the shared Redis)",
                                  formatter_class=defaults)
     worker.add_argument("--gpus", default="", help="GPU indices: one training worker per GPU (empty: one on the CPU)")
     worker.add_argument("--queues", default="train,chat", help="queues to serve: train, chat or both")
+    worker.add_argument("--cpu-workers", type=int, default=1, help="training workers on the CPU when no --gpus")
     commands.add_parser("web", help="run the web app and the event collector (what `up` starts)")
     train = commands.add_parser("train", help="fine-tune a model in the foreground, leaving a run folder",
                                 description="Fine-tune a model with MoRA, LoRA or full fine-tuning. Ctrl-C stops "

@@ -34,7 +34,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             redis.wait_ready(process=group.spawn("redis", redis.command()))
             env["REDIS_URL"] = redis.url
         gpus = [g for g in args.gpus.split(",") if g]
-        for spec in worker_specs(["train", "chat"], gpus):
+        for spec in worker_specs(["train", "chat"], gpus, args.cpu_workers):
             group.spawn(f"worker-{spec.name}", celery_command(spec), worker_env(spec, env))
         group.spawn("web", [sys.executable, "-m", "app.cli", "web"], env)
     except Exception:
@@ -53,7 +53,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     gpus = [g for g in args.gpus.split(",") if g]
     try:
-        specs = worker_specs([q for q in args.queues.split(",") if q], gpus)
+        specs = worker_specs([q for q in args.queues.split(",") if q], gpus, args.cpu_workers)
     except ValueError as error:
         print(f"mora-studio worker: {error}", file=sys.stderr)
         return 2

@@ -69,6 +69,18 @@ class StudioService:
         return self.submit(parent.config, name=f"{parent.name} (resumed)", tags=parent.tags,
                            group_name=parent.group_name, dataset_id=parent.dataset_id, parent=parent)
 
+    def rename(self, run_id: str, name: str) -> RunRecord:
+        if not name or not name.strip():
+            raise ServiceError("name: give the run a name")
+        return self.store.rename_run(run_id, name.strip())
+
+    def delete(self, run_id: str) -> None:
+        """Forget a finished run (its folder stays on disk); a live run must be cancelled first."""
+        run = self.store.get_run(run_id)
+        if run.status in CANCELLABLE:
+            raise ServiceError(f"run {run_id} is {run.status}; cancel it before deleting it")
+        self.store.delete_run(run_id)
+
     def runs(self, status: Optional[str] = None) -> list[RunRecord]:
         return self.store.list_runs(status=status)
 

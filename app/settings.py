@@ -44,3 +44,11 @@ def datasets_dir() -> Path:
 
 def logs_dir() -> Path:
     return data_dir() / "logs"
+
+
+def presets_dir() -> Path:
+    return data_dir() / "presets"
+
+
+def exports_dir() -> Path:
+    return data_dir() / "exports"

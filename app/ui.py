@@ -1,18 +1,351 @@
-"""The Gradio layout, declared once; every event handler lives in `app.handlers` as a plain function."""
+"""The Gradio layout, declared once, one function per tab. Handlers are plain functions in the `app` view modules;
+nothing here runs long work: training and generation happen on workers, the page polls the store."""
 from __future__ import annotations
 
-import gradio as gr
+from pathlib import Path
+from typing import Any
 
-from app import handlers
-from app.service import StudioService
+import gradio as gr
+import pandas as pd
+
+from app import chat_view, datasets, runs_view, settings, system_view, train_view
+from app.charts import effective_rank_figure, loss_figure
+from app.service import ServiceError, StudioService
+from storage.repo import StorageError
+from workers.data import FORMATS
+from workers.models import list_models
+from workers.train_config import ADAPTERS, DTYPES, MORA_VARIANTS, SCHEDULES, ConfigError
+
+CSS = """
+.trained { background: #fde68a; border-radius: 2px; }
+.example pre { white-space: pre-wrap; font-size: 0.85em; }
+.example-title { font-weight: 600; margin-top: 0.5em; }
+.legend { font-size: 0.85em; }
+"""
+FRIENDLY_ERRORS = (ConfigError, ServiceError, StorageError, ValueError)
+
+
+def _model_choices() -> list[tuple[str, str]]:
+    return [(f"{m.name} ({runs_view.format_parameters(m.parameters)})", m.name) for m in list_models()]
+
+
+def _dataset_choices(service: StudioService) -> list[tuple[str, int]]:
+    return [(f"{d.name} · {d.rows} rows · {d.schema}", d.id) for d in service.store.list_datasets()]
+
+
+def _default_model() -> str | None:
+    """The first model ready to use; the default model (converted on first use) when none is."""
+    models = list_models()
+    candidates = [m for m in models if m.prepared] or models
+    return candidates[0].name if candidates else None
+
+
+def data_tab(service: StudioService) -> dict[str, Any]:
+    with gr.Tab("Data", id="data") as tab:
+        gr.Markdown("Upload a dataset: chat `messages`, ShareGPT `conversations`, alpaca `instruction`/`output`, "
+                    "`prompt`/`completion`, or raw `text`, as " + ", ".join(FORMATS) + ".")
+        with gr.Row():
+            upload = gr.File(label="Dataset file", file_types=list(FORMATS), type="filepath", elem_id="upload")
+            with gr.Column():
+                message = gr.Markdown(elem_id="upload-message")
+                preview_model = gr.Dropdown(_model_choices(), value=_default_model(), label="Preview with model")
+        preview = gr.HTML(elem_id="preview")
+        table = gr.Dataframe(headers=["id", "name", "format", "schema", "rows", "size", "uploaded"],
+                             value=lambda: datasets.datasets_rows(service.store), interactive=False,
+                             label="Stored datasets")
+        with gr.Row():
+            to_delete = gr.Dropdown(_dataset_choices(service), label="Dataset", scale=3)
+            delete = gr.Button("Delete dataset", variant="stop", scale=1)
+
+    def on_upload(path, model):
+        if not path:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        result = datasets.ingest_upload(service.store, settings.datasets_dir(), Path(path), Path(path).name,
+                                        max_bytes=settings.max_upload_mb() * 2**20)
+        html = chat_view.preview_for(result.dataset, model) if result.dataset else ""
+        note = ("✅ " if result.dataset else "⚠️ ") + result.message
+        return (note, html, datasets.datasets_rows(service.store),
+                gr.Dropdown(choices=_dataset_choices(service)))
+
+    def on_delete(dataset_id):
+        if dataset_id is None:
+            return "Choose a dataset to delete.", gr.skip(), gr.skip()
+        try:
+            note = datasets.delete_dataset(service.store, int(dataset_id))
+        except FRIENDLY_ERRORS as error:
+            note = f"⚠️ {error}"
+        return note, datasets.datasets_rows(service.store), gr.Dropdown(choices=_dataset_choices(service), value=None)
+
+    upload.upload(on_upload, [upload, preview_model], [message, preview, table, to_delete])
+    delete.click(on_delete, [to_delete], [message, table, to_delete])
+    return {"tab": tab, "table": table, "to_delete": to_delete}
+
+
+def train_tab(service: StudioService) -> dict[str, Any]:
+    form: dict[str, gr.components.Component] = {}
+    with gr.Tab("Train", id="train") as tab:
+        with gr.Row():
+            form["model"] = gr.Dropdown(_model_choices(), value=_default_model(), label="Base model")
+            dataset = gr.Dropdown(_dataset_choices(service), label="Dataset", elem_id="train-dataset")
+        with gr.Row():
+            form["adapter"] = gr.Radio(list(ADAPTERS), value="mora", label="Adapter", elem_id="adapter")
+            form["r"] = gr.Slider(1, 512, value=8, step=1, label="r (LoRA-equivalent rank)", elem_id="rank")
+            form["variant"] = gr.Dropdown([train_view.AUTO, *MORA_VARIANTS], value=train_view.AUTO,
+                                          label="MoRA variant")
+        defaults = gr.Markdown(train_view.defaults_note("mora", 8, None), elem_id="defaults")
+        budget = gr.Markdown(elem_id="budget")
+        with gr.Row():
+            form["learning_rate"] = gr.Number(value=0, label="Learning rate (0: the paper's default)",
+                                                elem_id="learning-rate")
+            form["max_steps"] = gr.Number(value=100, precision=0, label="Max steps (-1: use epochs)",
+                                            elem_id="max-steps")
+            form["epochs"] = gr.Number(value=1.0, label="Epochs")
+            form["batch_size"] = gr.Number(value=4, precision=0, label="Batch size")
+            form["max_length"] = gr.Number(value=512, precision=0, label="Max length (tokens)")
+            form["seed"] = gr.Number(value=0, precision=0, label="Seed")
+        with gr.Accordion("Advanced", open=False):
+            with gr.Row():
+                form["lr_scheduler"] = gr.Dropdown(list(SCHEDULES), value="cosine", label="Schedule")
+                form["warmup_ratio"] = gr.Number(value=0.03, label="Warm-up fraction")
+                form["grad_accum"] = gr.Number(value=1, precision=0, label="Gradient accumulation")
+                form["weight_decay"] = gr.Number(value=0.0, label="Weight decay")
+                form["dropout"] = gr.Number(value=0.0, label="Adapter dropout")
+            with gr.Row():
+                form["eval_fraction"] = gr.Number(value=0.0, label="Eval fraction")
+                form["eval_steps"] = gr.Number(value=0, precision=0, label="Eval every N steps")
+                form["save_steps"] = gr.Number(value=25, precision=0, label="Checkpoint every N steps")
+                form["logging_steps"] = gr.Number(value=1, precision=0, label="Log every N steps")
+                form["gradient_checkpointing"] = gr.Checkbox(False, label="Gradient checkpointing")
+            with gr.Row():
+                form["remora_steps"] = gr.Number(value=0, precision=0, label="ReMoRA every N steps (sharing)")
+                form["remora_warmup"] = gr.Number(value=50, precision=0, label="ReMoRA re-warm-up steps")
+                form["lora_alpha"] = gr.Number(value=0, label="LoRA alpha (0: max(16, r/2))")
+                form["use_rslora"] = gr.Checkbox(False, label="rsLoRA scaling")
+                form["target_modules"] = gr.Textbox(label="Target modules (comma-separated; blank: all)")
+                form["dtype"] = gr.Dropdown(list(DTYPES), value="auto", label="Precision")
+        form["name"] = gr.Textbox(label="Run name (optional)", elem_id="run-name")
+        with gr.Row():
+            launch = gr.Button("Launch run", variant="primary", elem_id="launch")
+            pair = gr.Button("Compare MoRA and LoRA at this budget", elem_id="launch-pair")
+        launched = gr.Markdown(elem_id="launch-message")
+        with gr.Accordion("Presets", open=False):
+            with gr.Row():
+                preset_name = gr.Textbox(label="Preset name")
+                save = gr.Button("Save preset")
+                preset = gr.Dropdown(train_view.list_presets(settings.presets_dir()), label="Saved presets")
+                load = gr.Button("Load preset")
+            preset_message = gr.Markdown()
+
+    names = list(form)
+    components = [form[n] for n in names]
+
+    def values_of(args) -> dict[str, Any]:
+        return dict(zip(names, args))
+
+    def on_rank_change(adapter, r, variant, model):
+        return train_view.defaults_note(adapter, r, variant), train_view.budget_markdown(model, r, variant, adapter)
+
+    def on_launch(dataset_id, *args):
+        try:
+            runs = train_view.launch_from_form(service, values_of(args), dataset_id, pair=False)
+        except FRIENDLY_ERRORS as error:
+            return f"⚠️ {error}"
+        return "✅ queued " + ", ".join(f"**{r.name}** (`{r.id}`)" for r in runs) + " — follow it in the Runs tab."
+
+    def on_pair(dataset_id, *args):
+        try:
+            runs = train_view.launch_from_form(service, values_of(args), dataset_id, pair=True)
+        except FRIENDLY_ERRORS as error:
+            return f"⚠️ {error}"
+        return "✅ queued the pair " + " and ".join(f"**{r.name}** (`{r.id}`)" for r in runs) + "."
+
+    def on_save(name, *args):
+        try:
+            train_view.save_preset(settings.presets_dir(), name, values_of(args))
+        except FRIENDLY_ERRORS as error:
+            return f"⚠️ {error}", gr.skip()
+        return f"Saved preset **{name}**.", gr.Dropdown(choices=train_view.list_presets(settings.presets_dir()))
+
+    def on_load(name):
+        try:
+            values = train_view.load_preset(settings.presets_dir(), name or "")
+        except FRIENDLY_ERRORS as error:
+            return [f"⚠️ {error}"] + [gr.skip()] * len(components)
+        return [f"Loaded preset **{name}**."] + [values.get(n, gr.skip()) for n in names]
+
+    for trigger in (form["adapter"], form["r"], form["variant"], form["model"]):
+        trigger.change(on_rank_change, [form["adapter"], form["r"], form["variant"], form["model"]],
+                       [defaults, budget], show_progress="hidden")
+    launch.click(on_launch, [dataset, *components], launched)
+    pair.click(on_pair, [dataset, *components], launched)
+    save.click(on_save, [preset_name, *components], [preset_message, preset])
+    load.click(on_load, [preset], [preset_message, *components])
+    return {"tab": tab, "dataset": dataset, "form": form, "budget": budget, "defaults": defaults}
+
+
+def runs_tab(service: StudioService) -> dict[str, Any]:
+    with gr.Tab("Runs", id="runs") as tab:
+        table = gr.Dataframe(headers=list(runs_view.RUN_COLUMNS), interactive=False, label="Queue and history",
+                             elem_id="runs-table")
+        selected = gr.CheckboxGroup([], label="Compare runs (curves update live)", elem_id="compare")
+        with gr.Row():
+            x_axis = gr.Radio(["step", "epoch", "tokens"], value="step", label="x-axis")
+            smoothing = gr.Slider(0, 0.99, value=0.0, step=0.01, label="Smoothing")
+            log_scale = gr.Checkbox(False, label="Log scale")
+        curves = gr.Plot(label="Loss", elem_id="loss-plot")
+        with gr.Row():
+            diff = gr.Dataframe(label="Config differences", interactive=False)
+            metrics = gr.Dataframe(label="Adapters side by side", interactive=False)
+        ranks = gr.Plot(label="Effective rank of the update, per layer")
+        with gr.Row():
+            chosen = gr.Dropdown([], label="Run", elem_id="run-action-target", scale=2)
+            new_name = gr.Textbox(label="New name", scale=2)
+        with gr.Row():
+            cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-run")
+            resume = gr.Button("Resume")
+            rename = gr.Button("Rename")
+            delete = gr.Button("Delete")
+            export = gr.Button("Export metrics CSV")
+        action_message = gr.Markdown(elem_id="run-action-message")
+        csv_file = gr.File(label="Metrics CSV", interactive=False)
+        known_runs = gr.State([])
+        timer = gr.Timer(1.0)
+
+    def refresh(run_ids, x, smooth, log, known):
+        runs = service.runs()
+        ids = [r.id for r in runs]
+        rows = runs_view.runs_table_rows(runs)
+        choices = [(f"{r.name} · {r.id}", r.id) for r in runs]
+        run_updates = (gr.CheckboxGroup(choices=choices), gr.Dropdown(choices=choices), ids) if ids != known else (
+            gr.skip(), gr.skip(), known)
+        figure, diff_rows, metric_rows, rank_figure = compare(run_ids or [], x, smooth, log)
+        return (rows, *run_updates, figure, diff_rows, metric_rows, rank_figure)
+
+    def compare(run_ids, x, smooth, log):
+        by_id = {r.id: r for r in service.runs()}
+        chosen_runs = [by_id[i] for i in run_ids if i in by_id]
+        labels = runs_view.run_labels(chosen_runs)
+        series = service.store.metric_series([r.id for r in chosen_runs], ["loss", "eval_loss"])
+        artifacts = {r.id: runs_view.primary_artifact(service.store.get_artifacts(r.id)) for r in chosen_runs}
+        diff_table = pd.DataFrame(runs_view.config_diff(chosen_runs),
+                                  columns=["setting", *(labels[r.id] for r in chosen_runs)])
+        metrics_table = pd.DataFrame(runs_view.adapter_metrics_rows(chosen_runs, artifacts),
+                                     columns=list(runs_view.ADAPTER_COLUMNS))
+        return (loss_figure(series, labels, x_axis=x, smoothing=smooth, log_scale=log), diff_table, metrics_table,
+                effective_rank_figure(artifacts, labels))
+
+    def act(action, run_id, name):
+        if not run_id:
+            return "Choose a run first.", gr.skip()
+        try:
+            if action == "cancel":
+                run = service.cancel(run_id)
+                return f"{run.name}: {run.status}" + (" — stopping after its current step" if run.status ==
+                                                      "running" else ""), gr.skip()
+            if action == "resume":
+                run = service.resume(run_id)
+                return f"queued **{run.name}** (`{run.id}`), continuing from the last checkpoint", gr.skip()
+            if action == "rename":
+                run = service.rename(run_id, name)
+                return f"renamed to **{run.name}**", gr.skip()
+            if action == "delete":
+                service.delete(run_id)
+                return f"deleted run `{run_id}`", gr.skip()
+            run = service.run(run_id)
+            series = service.store.metric_series([run_id], None)
+            path = runs_view.write_metrics_csv(run, series, settings.exports_dir())
+            return f"exported {path.name}", str(path)
+        except FRIENDLY_ERRORS as error:
+            return f"⚠️ {error}", gr.skip()
+
+    outputs = [table, selected, chosen, known_runs, curves, diff, metrics, ranks]
+    inputs = [selected, x_axis, smoothing, log_scale, known_runs]
+    timer.tick(refresh, inputs, outputs, show_progress="hidden")
+    tab.select(refresh, inputs, outputs, show_progress="hidden")
+    for control in (selected, x_axis, smoothing, log_scale):
+        control.change(compare, [selected, x_axis, smoothing, log_scale], [curves, diff, metrics, ranks],
+                       show_progress="hidden")
+    for button, action in ((cancel, "cancel"), (resume, "resume"), (rename, "rename"), (delete, "delete"),
+                           (export, "export")):
+        button.click(lambda run_id, name, action=action: act(action, run_id, name), [chosen, new_name],
+                     [action_message, csv_file])
+    return {"tab": tab, "refresh": refresh}
+
+
+def chat_tab(service: StudioService) -> dict[str, Any]:
+    with gr.Tab("Chat", id="chat") as tab:
+        with gr.Row():
+            base = gr.Dropdown(_model_choices(), value=_default_model(), label="Base model", scale=2)
+            adapters = gr.CheckboxGroup(chat_view.adapter_choices(service, _default_model()),
+                                        label="Answer with (up to four)", elem_id="chat-adapters", scale=5)
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
+            max_tokens = gr.Slider(8, 1024, value=128, step=8, label="Max new tokens")
+            blind = gr.Checkbox(False, label="Blind A/B (two adapters, names hidden until you vote)",
+                                elem_id="blind")
+        with gr.Row():
+            bots = [gr.Chatbot(label=f"answer {i + 1}", visible=i < 2, height=360, elem_id=f"bot-{i}")
+                    for i in range(chat_view.MAX_ROWS)]
+        prompt = gr.Textbox(label="Message", placeholder="Ask something and press Enter", elem_id="chat-input")
+        with gr.Row():
+            send = gr.Button("Send", variant="primary", elem_id="chat-send")
+            new = gr.Button("New conversation")
+        with gr.Row():
+            vote_a = gr.Button("A is better", elem_id="vote-a")
+            vote_b = gr.Button("B is better", elem_id="vote-b")
+        vote_message = gr.Markdown(elem_id="vote-message")
+        state = gr.State(None)
+
+    def on_base(model):
+        return gr.CheckboxGroup(choices=chat_view.adapter_choices(service, model), value=[])
+
+    def on_send(model, chosen, temp, tokens, blind_mode, text, session):
+        yield from chat_view.send(service, model, chosen, temp, tokens, blind_mode, text, session)
+
+    def on_vote(winner, session):
+        return chat_view.vote(service, session, winner)
+
+    tab.select(on_base, [base], [adapters])
+    base.change(on_base, [base], [adapters])
+    chat_inputs = [base, adapters, temperature, max_tokens, blind, prompt, state]
+    chat_outputs = [state, prompt, *bots, vote_message]
+    send.click(on_send, chat_inputs, chat_outputs)
+    prompt.submit(on_send, chat_inputs, chat_outputs)
+    new.click(lambda: (None, *([[]] * chat_view.MAX_ROWS), ""), None, [state, *bots, vote_message])
+    vote_a.click(lambda s: on_vote("A", s), [state], [vote_message, *bots])
+    vote_b.click(lambda s: on_vote("B", s), [state], [vote_message, *bots])
+    return {"tab": tab}
+
+
+def system_tab(service: StudioService) -> dict[str, Any]:
+    with gr.Tab("System", id="system") as tab:
+        workers_table = gr.Dataframe(headers=list(system_view.WORKER_COLUMNS), interactive=False, label="Workers")
+        queues = gr.Markdown()
+        usage = gr.Dataframe(headers=["folder", "files", "size"], interactive=False, label="Data folder")
+        timer = gr.Timer(2.0)
+
+    def refresh():
+        return system_view.workers_rows(), system_view.queues_markdown(), system_view.usage_rows(settings.data_dir())
+
+    timer.tick(refresh, None, [workers_table, queues, usage], show_progress="hidden")
+    tab.select(refresh, None, [workers_table, queues, usage])
+    return {"tab": tab}
 
 
 def build_app(service: StudioService) -> gr.Blocks:
     with gr.Blocks(title="MoRA Studio") as app:
-        gr.Markdown("# MoRA Studio")
-        with gr.Tab("Runs"):
-            runs_table = gr.Dataframe(headers=list(handlers.RUN_COLUMNS), interactive=False, label="Runs")
-        timer = gr.Timer(1.0)
-        timer.tick(lambda: handlers.runs_table(service), outputs=runs_table)
-        app.load(lambda: handlers.runs_table(service), outputs=runs_table)
+        gr.Markdown("## MoRA Studio — fine-tune with MoRA or LoRA, compare what each adapter learned")
+        with gr.Tabs():
+            data = data_tab(service)
+            train = train_tab(service)
+            runs_tab(service)
+            chat_tab(service)
+            system_tab(service)
+
+        refresh_datasets = lambda: gr.Dropdown(choices=_dataset_choices(service))  # noqa: E731
+        train["tab"].select(refresh_datasets, None, train["dataset"])
+        data["tab"].select(lambda: datasets.datasets_rows(service.store), None, data["table"])
+        form = train["form"]
+        app.load(lambda m, r, v, a: (train_view.defaults_note(a, r, v), train_view.budget_markdown(m, r, v, a)),
+                 [form["model"], form["r"], form["variant"], form["adapter"]], [train["defaults"], train["budget"]])
     return app

@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 def serve(prevent_thread_lock: bool = False):
     """Start the collector and the web app on MORA_HOST:MORA_PORT; returns the app when not blocking (tests)."""
     from app.service import StudioService
-    from app.ui import build_app
+    from app.ui import CSS, build_app
     from storage.repo import Store
     from workers.collector import Collector
 
@@ -26,5 +26,5 @@ def serve(prevent_thread_lock: bool = False):
     app.queue(default_concurrency_limit=8)
     app.launch(server_name=settings.host(), server_port=settings.port(), auth=settings.auth(),
                max_file_size=f"{settings.max_upload_mb()}mb", prevent_thread_lock=prevent_thread_lock,
-               show_error=False, allowed_paths=[], footer_links=[])
+               show_error=False, allowed_paths=[str(settings.exports_dir())], footer_links=[], css=CSS)
     return app

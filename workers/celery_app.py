@@ -16,6 +16,7 @@ TRAIN_QUEUE = "train"
 CHAT_QUEUE = "chat"
 TRAIN_TASK = "mora.train_run"
 CHAT_TASK = "mora.chat_generate"
+UTILITY_TASK = "mora.utility"  # small request/reply calls (preview, budget) the web process cannot do without torch
 
 
 def make_celery(broker_url: str | None = None) -> Celery:
@@ -29,7 +30,8 @@ def make_celery(broker_url: str | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_queues=(Queue(TRAIN_QUEUE), Queue(CHAT_QUEUE)),
-        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, CHAT_TASK: {"queue": CHAT_QUEUE}},
+        task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, CHAT_TASK: {"queue": CHAT_QUEUE},
+                     UTILITY_TASK: {"queue": CHAT_QUEUE}},
         task_default_queue=TRAIN_QUEUE,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 7 * 24 * 3600},  # long runs must not be redelivered

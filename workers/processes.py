@@ -35,11 +35,12 @@ class WorkerSpec:
     gpu: Optional[str] = None
 
 
-def worker_specs(queues: Sequence[str], gpus: Sequence[str]) -> list[WorkerSpec]:
-    """One training worker per GPU (or one on the CPU), and one chat worker (on the first GPU, if any)."""
+def worker_specs(queues: Sequence[str], gpus: Sequence[str], cpu_workers: int = 1) -> list[WorkerSpec]:
+    """One training worker per GPU (or `cpu_workers` on the CPU), and one chat worker (on the first GPU, if any)."""
     specs = []
     if TRAIN_QUEUE in queues:
-        specs += [WorkerSpec(f"train-gpu{g}", TRAIN_QUEUE, g) for g in gpus] or [WorkerSpec("train-cpu", TRAIN_QUEUE)]
+        specs += [WorkerSpec(f"train-gpu{g}", TRAIN_QUEUE, g) for g in gpus] or [
+            WorkerSpec(f"train-cpu{i}", TRAIN_QUEUE) for i in range(max(1, cpu_workers))]
     if CHAT_QUEUE in queues:
         specs.append(WorkerSpec(f"chat-gpu{gpus[0]}" if gpus else "chat-cpu", CHAT_QUEUE, gpus[0] if gpus else None))
     unknown = set(queues) - {TRAIN_QUEUE, CHAT_QUEUE}

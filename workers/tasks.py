@@ -5,9 +5,11 @@ from typing import Any, Optional
 
 from celery.signals import worker_ready, worker_shutdown
 
-from workers.celery_app import TRAIN_TASK, app
+from workers.celery_app import CHAT_TASK, TRAIN_TASK, UTILITY_TASK, app
+from workers.chat import run_queued_chat
 from workers.queued import WorkerPresence, run_queued_training
 from workers.settings import redis_url
+from workers.utility import run_queued_utility
 
 _presence: dict[str, WorkerPresence] = {}
 
@@ -16,6 +18,16 @@ _presence: dict[str, WorkerPresence] = {}
 def train_run(self, run_id: str, config: dict[str, Any], run_dir: str, resume_from: Optional[str] = None) -> str:
     return run_queued_training(redis_url() or app.conf.broker_url, run_id, config, run_dir, resume_from,
                                worker=self.request.hostname or "worker")
+
+
+@app.task(name=CHAT_TASK)
+def chat_generate(request_id: str, request: dict[str, Any]) -> None:
+    run_queued_chat(redis_url() or app.conf.broker_url, request_id, request)
+
+
+@app.task(name=UTILITY_TASK)
+def utility(request_id: str, kind: str, payload: dict[str, Any]) -> None:
+    run_queued_utility(redis_url() or app.conf.broker_url, request_id, kind, payload)
 
 
 @worker_ready.connect

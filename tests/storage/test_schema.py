@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -53,6 +54,26 @@ def test_reopening_keeps_data(store_url):
         run_id = first.create_run({}, name="kept", model="m", adapter="lora", r=4).id
     with Store(store_url) as second:
         assert second.get_run(run_id).name == "kept"
+
+
+def test_two_stores_opening_a_new_database_at_once_migrate_it_once(store_url):
+    errors = []
+
+    def open_and_write(index):
+        try:
+            with Store(store_url) as store:
+                store.create_run({}, name=f"opened by {index}", model="m", adapter="lora", r=4)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_and_write, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with Store(store_url) as store:
+        assert len(store.list_runs()) == 4
 
 
 def test_migrations_ship_inside_the_package():

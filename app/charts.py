@@ -1,0 +1,158 @@
+"""The Runs tab's Plotly figures, built from what the store hands back (values in, a figure out).
+
+The tab redraws them every second from `Store.metric_series` and `Store.get_artifacts`; each figure sets
+`uirevision`, so a user's zoom and hidden legend entries survive the redraw. A run keeps its colour in every figure:
+colours follow the order of `labels`, which the caller builds from the selected runs.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Optional
+
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+from storage.records import ArtifactRecord, MetricPointRecord
+
+TRAIN_METRIC = "loss"
+EVAL_METRIC = "eval_loss"
+X_AXES = {"step": "step", "epoch": "epoch", "tokens": "tokens seen"}
+PALETTE = qualitative.Plotly
+RAW_OPACITY = 0.25
+_LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 30, "b": 50}, "hovermode": "closest"}
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+Series = Mapping[str, Mapping[str, Sequence[MetricPointRecord]]]
+
+
+def smooth(values: Iterable[Optional[float]], weight: float) -> list[Optional[float]]:
+    """TensorBoard's debiased exponential moving average.
+
+    last_t = weight · last_{t-1} + (1 − weight) · v_t, starting from 0, and each output is last_t / (1 − weight^n)
+    where n counts the values seen so far, so the first points are not pulled towards 0. A None (or NaN) value is a
+    gap: it stays None and does not enter the average. weight 0 returns the values unchanged.
+    """
+    _check_weight(weight)
+    smoothed: list[Optional[float]] = []
+    last, seen = 0.0, 0
+    for value in values:
+        if value is None or not math.isfinite(value):
+            smoothed.append(None)
+            continue
+        last = last * weight + (1 - weight) * value
+        seen += 1
+        smoothed.append(last / (1 - weight ** seen))
+    return smoothed
+
+
+def short_layer_name(path: str) -> str:
+    """"model.layers.0.self_attn.q_proj" → "L0 q_proj"; a path without a block index keeps its last part."""
+    module = path.rsplit(".", 1)[-1]
+    block = _LAYER_INDEX.search(path)
+    return f"L{block.group(1)} {module}" if block else module
+
+
+def loss_figure(series: Series, labels: Mapping[str, str], x_axis: str = "step", smoothing: float = 0.0,
+                log_scale: bool = False, show_eval: bool = True) -> go.Figure:
+    """Train loss (solid) and eval loss (dashed, with markers) of every run in `series`, overlaid, one colour a run.
+
+    `series` is what `Store.metric_series` returns. x is the step, the epoch or the tokens seen; a point without that
+    value is left out, except that an eval point borrows it from the train point at the same step (the worker
+    reports tokens seen with train steps only). With `smoothing` the train curve is the debiased EMA and the raw
+    curve stays faint behind it, in the same legend group; eval points are sparse and never smoothed.
+    """
+    if x_axis not in X_AXES:
+        raise ValueError(f"x_axis must be one of {', '.join(X_AXES)}, got {x_axis!r}")
+    _check_weight(smoothing)
+    colours = _colours(labels, series)
+    figure = go.Figure()
+    for run_id, metrics in series.items():
+        label, colour = labels.get(run_id, run_id), colours[run_id]
+        train = metrics.get(TRAIN_METRIC, ())
+        x_by_step = {point.step: getattr(point, x_axis) for point in train if getattr(point, x_axis) is not None}
+        xs, ys = _xy(train, x_axis, x_by_step)
+        if xs:
+            if smoothing:
+                figure.add_trace(go.Scatter(
+                    x=xs, y=ys, name=f"{label} train (raw)", mode="lines", legendgroup=run_id, showlegend=False,
+                    line={"color": colour, "width": 1}, opacity=RAW_OPACITY, hoverinfo="skip"))
+                ys = smooth(ys, smoothing)
+            # a line through one point draws nothing: the first logged step shows as a dot
+            figure.add_trace(go.Scatter(x=xs, y=ys, name=f"{label} train", mode="lines" if len(xs) > 1 else "markers",
+                                        legendgroup=run_id, line={"color": colour, "width": 2},
+                                        marker={"color": colour}))
+        if show_eval:
+            xs, ys = _xy(metrics.get(EVAL_METRIC, ()), x_axis, x_by_step)
+            if xs:
+                figure.add_trace(go.Scatter(
+                    x=xs, y=ys, name=f"{label} eval", mode="lines+markers", legendgroup=run_id,
+                    line={"color": colour, "width": 2, "dash": "dash"}, marker={"color": colour, "size": 7}))
+    figure.update_layout(
+        xaxis_title=X_AXES[x_axis], yaxis_title="loss", yaxis_type="log" if log_scale else "linear",
+        uirevision=f"loss-{x_axis}-{log_scale}", legend_title_text="run", **_LAYOUT)
+    if not figure.data:
+        _annotate(figure, "Select runs to compare" if not series
+                  else f"No loss with {X_AXES[x_axis]} logged yet by the selected runs")
+    return figure
+
+
+def effective_rank_figure(artifacts: Mapping[str, Optional[ArtifactRecord]], labels: Mapping[str, str]) -> go.Figure:
+    """Grouped bars: the effective rank of ΔW per adapted layer, one colour a run (the MoRA paper's Fig. 5).
+
+    Runs without per-layer ranks (no adapter saved yet, or full fine-tuning) are left out.
+    """
+    colours = _colours(labels, artifacts)
+    figure = go.Figure()
+    for run_id, artifact in artifacts.items():
+        layers = (artifact.layers if artifact is not None else None) or []
+        if not layers:
+            continue
+        figure.add_trace(go.Bar(
+            x=[short_layer_name(layer["layer"]) for layer in layers],
+            y=[layer["effective_rank"] for layer in layers],
+            customdata=[[layer["layer"], " × ".join(str(side) for side in layer.get("shape") or ())]
+                        for layer in layers],
+            hovertemplate="%{customdata[0]}<br>ΔW %{customdata[1]}<br>effective rank %{y}<extra>%{fullData.name}"
+                          "</extra>",
+            name=labels.get(run_id, run_id), marker_color=colours[run_id]))
+    figure.update_layout(barmode="group", xaxis_title="layer", yaxis_title="effective rank of ΔW",
+                         uirevision="effective-rank", legend_title_text="run", **_LAYOUT)
+    if not figure.data:
+        _annotate(figure, "Select finished MoRA or LoRA runs to compare the rank of their updates"
+                  if artifacts else "Select runs to compare")
+    return figure
+
+
+def _check_weight(weight: float) -> None:
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {weight!r}")
+
+
+def _colours(labels: Mapping[str, str], runs: Iterable[str]) -> dict[str, str]:
+    order = list(dict.fromkeys([*labels, *runs]))
+    return {run_id: PALETTE[index % len(PALETTE)] for index, run_id in enumerate(order)}
+
+
+def _xy(points: Iterable[MetricPointRecord], x_axis: str, x_by_step: Mapping[int, float]
+        ) -> tuple[list[float], list[Optional[float]]]:
+    xs, ys = [], []
+    for point in points:
+        x = getattr(point, x_axis)
+        x = x_by_step.get(point.step) if x is None else x
+        if x is not None:
+            xs.append(x)
+            ys.append(point.value)
+    return xs, ys
+
+
+def _annotate(figure: go.Figure, text: str) -> None:
+    figure.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                          font={"size": 15, "color": "#888"})
+    figure.update_xaxes(visible=False)
+    figure.update_yaxes(visible=False)
+
+
+__all__ = ["loss_figure", "effective_rank_figure", "smooth", "short_layer_name", "TRAIN_METRIC", "EVAL_METRIC",
+           "X_AXES"]
