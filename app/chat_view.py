@@ -75,7 +75,7 @@ def _bot_updates(session: Optional[dict], reveal: bool = False) -> list:
 
 def _start(service: StudioService, model: str, chosen: list[str], blind: bool, settings: dict, title: str) -> dict:
     rows = _rows(service, chosen, blind)
-    chat = service.store.create_chat(title=title[:80] or "chat", base_model=model or "",
+    chat = service.store.create_chat(title=title[:80] or "chat", base_model=model or "default model",
                                      adapters=[{"label": r["label"], "run_id": r["run_id"]} for r in rows],
                                      settings=settings)
     return {"chat_id": chat.id, "chosen": list(chosen), "blind": blind, "rows": rows,

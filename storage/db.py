@@ -75,9 +75,9 @@ def migrate(engine: Engine) -> None:
     Runs in one transaction that first takes a lock (BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL),
     so two processes opening a new database at once migrate it once.
     """
-    with engine.connect() as connection, connection.begin():
+    with engine.connect().execution_options(**WRITE) as connection, connection.begin():
         if connection.dialect.name == "postgresql":
-            pass
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
         config = alembic_config(engine.url.render_as_string(hide_password=False))
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

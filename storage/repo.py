@@ -195,9 +195,10 @@ def _unique_by(rows: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
 class Store:
     """The run store over one database (SQLite file by default, or PostgreSQL).
 
-    Opening migrates the schema to the newest revision. Several `Store`s, in threads or processes, may share one
-    database. Writes about a missing run, dataset or chat raise `NotFound`; reads of a missing run's points, logs or
-    artifacts return nothing, so a chart redrawn while a run is deleted shows an empty curve instead of an error.
+    Opening migrates the schema to the newest revision. One `Store` may be shared by threads, and several `Store`s,
+    in threads or processes, may share one database. Writes about a missing run, dataset or chat raise `NotFound`;
+    reads of a missing run's points, logs or artifacts return nothing, so a chart redrawn while a run is deleted
+    shows an empty curve instead of an error.
     """
 
     def __init__(self, url: Optional[str] = None) -> None:
@@ -390,14 +391,9 @@ class Store:
         unknown = sorted(set(progress) - set(PROGRESS_FIELDS))
         if unknown:
             raise StorageError(f"unknown progress field(s) {', '.join(unknown)}; known: {', '.join(PROGRESS_FIELDS)}")
-        values = {key: (_integer(key, value) if key in _INTEGER_PROGRESS_FIELDS else _number(key, value))
-                  for key, value in progress.items() if value is not None}
-        with self._unit(write=True) as session:
-            run = self._get(session, Run, run_id, "run")
-            for key, value in values.items():
-                setattr(run, key, value)
-            session.flush()
-            return _record(RunRecord, run)
+        return self._update_run(run_id, **{
+            key: (_integer(key, value) if key in _INTEGER_PROGRESS_FIELDS else _number(key, value))
+            for key, value in progress.items() if value is not None})
 
     def request_cancel(self, run_id: str) -> RunRecord:
         """Flag the run; its worker sees the flag between steps, saves and stops. A finished run is left as is."""
@@ -541,19 +537,22 @@ class Store:
 
     def create_chat(self, *, title: str, base_model: str, adapters: Iterable[Mapping[str, Any]] = (),
                     settings: Optional[Mapping[str, Any]] = None) -> ChatSessionRecord:
-        """Start a chat in which each adapter ({label, run_id}) answers side by side on the same base model."""
+        """Start a chat in which each adapter ({label, run_id}) answers side by side on the same base model;
+        a row with run_id None is the base model answering alone."""
         columns = []
         for index, adapter in enumerate(adapters):
             if not isinstance(adapter, Mapping):
                 raise StorageError(f"adapters[{index}] must be a mapping with label and run_id, got {adapter!r}")
+            run_id = adapter.get("run_id")
             columns.append({**_json(f"adapters[{index}]", dict(adapter)),
                             "label": _text(f"adapters[{index}].label", adapter.get("label")),
-                            "run_id": _text(f"adapters[{index}].run_id", adapter.get("run_id"))})
+                            "run_id": None if run_id is None else _text(f"adapters[{index}].run_id", run_id)})
         chat = ChatSession(title=_text("title", title), base_model=_text("base_model", base_model), adapters=columns,
                            settings=_json("settings", dict(settings or {})))
         with self._unit(write=True) as session:
             for column in columns:
-                self._get(session, Run, column["run_id"], "run")
+                if column["run_id"] is not None:
+                    self._get(session, Run, column["run_id"], "run")
             session.add(chat)
             session.flush()
             return _record(ChatSessionRecord, chat)

@@ -1,12 +1,13 @@
 """Every storage test runs twice: on a real SQLite file and on PostgreSQL.
 
-PostgreSQL: one throwaway database per test session (dropped at the end). `store_url` is a fresh, empty schema, for
-the tests of migration itself; `store` is one migrated schema shared by the session and emptied before each test,
-because creating the tables costs PostgreSQL about 0.4 s where emptying them costs 5 ms. SQLite gets a new file each
-time. Without a reachable server the PostgreSQL half is skipped with the reason,
-unless MORA_REQUIRE_POSTGRES=1, where it fails: CI sets that so a missing server cannot pass unnoticed.
-MORA_TEST_POSTGRES (default postgresql://postgres@127.0.0.1:5432/test) names the server and a database to connect
-to for creating the throwaway one.
+SQLite gets a new file in tmp_path each time. PostgreSQL gets one throwaway database per test session, dropped at the
+end: `store_url` is a fresh, empty schema in it, for the tests of migration itself, and `store` is one migrated schema
+shared by the session and emptied before each test (creating the tables costs PostgreSQL about 0.4 s, emptying them
+5 ms).
+
+Without a reachable server the PostgreSQL half is skipped, with the reason; with MORA_REQUIRE_POSTGRES=1 it fails
+instead, so CI cannot pass unnoticed without it. MORA_TEST_POSTGRES (default postgresql://postgres@127.0.0.1:5432/test)
+names the server, and a database there to connect to while creating the throwaway one.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _sqlalchemy_url(libpq_url: str, database: str) -> str:
 
 @pytest.fixture(scope="session")
 def postgres_database():
-    """(SQLAlchemy URL of a new database, admin URL), or a skip / failure saying why there is none."""
+    """The SQLAlchemy URL of a new database, or a skip (a failure under MORA_REQUIRE_POSTGRES=1) saying why not."""
     import psycopg
 
     try:

@@ -112,12 +112,13 @@ def test_two_threads_write_one_run_without_loss(backend, store, run):
         except Exception as error:  # reported below, with the thread's error
             errors.append(error)
 
-    threads = [threading.Thread(target=write, args=(0, list(range(0, 600)))),
-               threading.Thread(target=write, args=(1, list(range(300, 900))))]
+    threads = [threading.Thread(target=write, args=(0, list(range(0, 600))), daemon=True),
+               threading.Thread(target=write, args=(1, list(range(300, 900))), daemon=True)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a writer is stuck"
     if url:
         for opened in stores:
             opened.close()

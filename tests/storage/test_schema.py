@@ -5,12 +5,14 @@ import logging
 import subprocess
 import sys
 import threading
+from datetime import datetime, timezone
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from storage import settings
 from storage.db import MIGRATIONS_DIR, alembic_config, create_store_engine
@@ -45,6 +47,12 @@ def test_open_migrates_every_table_once(store_url, caplog):
         # The unique constraint doubles as the index that curve reads (run, name, ordered by step) use.
         unique = inspect(engine).get_unique_constraints("metric_points")
         assert [constraint["column_names"] for constraint in unique] == [["run_id", "name", "step"]]
+        # The database itself refuses an unknown status, whoever writes it.
+        with pytest.raises(IntegrityError), engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO runs (id, name, tags, config, model, adapter, r, status, status_message, created_at,"
+                " step, cancel_requested) VALUES ('x', 'x', '[]', '{}', 'm', 'lora', 8, 'done', '', :now, 0, false)"),
+                {"now": datetime.now(timezone.utc)})
     finally:
         engine.dispose()
 
@@ -66,11 +74,12 @@ def test_two_stores_opening_a_new_database_at_once_migrate_it_once(store_url):
         except Exception as error:  # reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=open_and_write, args=(index,)) for index in range(4)]
+    threads = [threading.Thread(target=open_and_write, args=(index,), daemon=True) for index in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a writer is stuck"
     assert errors == []
     with Store(store_url) as store:
         assert len(store.list_runs()) == 4
