@@ -145,19 +145,16 @@ def train_tab(service: StudioService) -> dict[str, Any]:
     def on_rank_change(adapter, r, variant, model):
         return train_view.defaults_note(adapter, r, variant), train_view.budget_markdown(model, r, variant, adapter)
 
-    def on_launch(dataset_id, *args):
-        try:
-            runs = train_view.launch_from_form(service, values_of(args), dataset_id, pair=False)
-        except FRIENDLY_ERRORS as error:
-            return f"⚠️ {error}"
-        return "✅ queued " + ", ".join(f"**{r.name}** (`{r.id}`)" for r in runs) + " — follow it in the Runs tab."
+    def launcher(pair: bool):
+        def on_click(dataset_id, *args):
+            try:
+                runs = train_view.launch_from_form(service, values_of(args), dataset_id, pair=pair)
+            except FRIENDLY_ERRORS as error:
+                return f"⚠️ {error}"
+            names = " and ".join(f"**{r.name}** (`{r.id}`)" for r in runs)
+            return f"✅ queued {'the pair ' if pair else ''}{names} — follow it in the Runs tab."
 
-    def on_pair(dataset_id, *args):
-        try:
-            runs = train_view.launch_from_form(service, values_of(args), dataset_id, pair=True)
-        except FRIENDLY_ERRORS as error:
-            return f"⚠️ {error}"
-        return "✅ queued the pair " + " and ".join(f"**{r.name}** (`{r.id}`)" for r in runs) + "."
+        return on_click
 
     def on_save(name, *args):
         try:
@@ -176,8 +173,8 @@ def train_tab(service: StudioService) -> dict[str, Any]:
     for trigger in (form["adapter"], form["r"], form["variant"], form["model"]):
         trigger.change(on_rank_change, [form["adapter"], form["r"], form["variant"], form["model"]],
                        [defaults, budget], show_progress="hidden")
-    launch.click(on_launch, [dataset, *components], launched)
-    pair.click(on_pair, [dataset, *components], launched)
+    launch.click(launcher(pair=False), [dataset, *components], launched)
+    pair.click(launcher(pair=True), [dataset, *components], launched)
     save.click(on_save, [preset_name, *components], [preset_message, preset])
     load.click(on_load, [preset], [preset_message, *components])
     return {"tab": tab, "dataset": dataset, "form": form, "budget": budget, "defaults": defaults}
