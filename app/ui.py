@@ -54,7 +54,7 @@ def data_tab(service: StudioService) -> dict[str, Any]:
                              value=lambda: datasets.datasets_rows(service.store), interactive=False,
                              label="Stored datasets")
         with gr.Row():
-            to_delete = gr.Dropdown(_dataset_choices(service), label="Dataset", scale=3)
+            to_delete = gr.Dropdown(_dataset_choices(service), label="Dataset (choose one to preview it)", scale=3)
             delete = gr.Button("Delete dataset", variant="stop", scale=1)
 
     def on_upload(path, model):
@@ -65,7 +65,7 @@ def data_tab(service: StudioService) -> dict[str, Any]:
         html = chat_view.preview_for(result.dataset, model) if result.dataset else ""
         note = ("✅ " if result.dataset else "⚠️ ") + result.message
         return (note, html, datasets.datasets_rows(service.store),
-                gr.Dropdown(choices=_dataset_choices(service)))
+                gr.Dropdown(choices=_dataset_choices(service), value=result.dataset.id if result.dataset else None))
 
     def on_delete(dataset_id):
         if dataset_id is None:
@@ -76,7 +76,18 @@ def data_tab(service: StudioService) -> dict[str, Any]:
             note = f"⚠️ {error}"
         return note, datasets.datasets_rows(service.store), gr.Dropdown(choices=_dataset_choices(service), value=None)
 
+    def on_show(dataset_id, model):
+        """Preview a stored dataset (or the same one with another model's chat template)."""
+        if dataset_id is None:
+            return gr.skip()
+        try:
+            return chat_view.preview_for(service.store.get_dataset(int(dataset_id)), model)
+        except FRIENDLY_ERRORS as error:
+            return f"<p>⚠️ {error}</p>"
+
     upload.upload(on_upload, [upload, preview_model], [message, preview, table, to_delete])
+    to_delete.change(on_show, [to_delete, preview_model], preview)
+    preview_model.change(on_show, [to_delete, preview_model], preview)
     delete.click(on_delete, [to_delete], [message, table, to_delete])
     return {"tab": tab, "table": table, "to_delete": to_delete}
 

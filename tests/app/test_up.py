@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -65,3 +66,44 @@ def test_up_serves_http_and_stops_everything_on_sigint(tmp_path, tiny_model_dir)
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_web_binds_loopback_and_requires_login_when_auth_is_set(tmp_path):
+    port = free_port()
+    env = {**os.environ, "MORA_DATA_DIR": str(tmp_path / "data"), "MORA_PORT": str(port), "HF_HUB_OFFLINE": "1",
+           "MORA_AUTH": "ada:secret-pass", "PYTHONPATH": str(ROOT)}
+    env.pop("REDIS_URL", None)
+    env.pop("MORA_HOST", None)
+    web = subprocess.Popen([sys.executable, "-m", "app.cli", "web"], env=env, cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: _http_status(f"http://127.0.0.1:{port}/config") in (200, 401), 120, "the web app", every=0.5)
+        assert _http_status(f"http://127.0.0.1:{port}/config") == 401  # nothing without logging in
+        listening = Path("/proc/net/tcp").read_text().splitlines()
+        local = [line.split()[1] for line in listening if line.split()[1].endswith(f":{port:04X}")]
+        assert local and all(address.startswith("0100007F") for address in local)  # 127.0.0.1 only
+        login = urllib.request.Request(f"http://127.0.0.1:{port}/login", method="POST",
+                                       data=b"username=ada&password=secret-pass",
+                                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+        with urllib.request.urlopen(login, timeout=5) as response:
+            assert response.status == 200
+        wrong = urllib.request.Request(f"http://127.0.0.1:{port}/login", method="POST",
+                                       data=b"username=ada&password=nope",
+                                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert _http_status(wrong) == 400
+    finally:
+        web.send_signal(signal.SIGINT)
+        try:
+            web.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            web.kill()
+
+
+def _http_status(request) -> int:
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0
