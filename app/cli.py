@@ -52,11 +52,35 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("config", type=Path, help="a file of train settings, e.g. {data: my.jsonl, adapter: mora, r: 8}")
     submit.add_argument("--name", default="", help="a name for the run")
     commands.add_parser("runs", help="list runs, newest first")
+    add_bench_arguments(commands.add_parser("bench", help="reproduce the MoRA paper's experiments"))
     for name, text in (("status", "show one run"), ("cancel", "cancel a queued or running run"),
                        ("resume", "resume a failed or cancelled run from its last checkpoint, as a new run"),
                        ("logs", "print a run's log lines")):
         commands.add_parser(name, help=text).add_argument("run_id")
     return parser
+
+
+def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
+    experiments = bench.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    memorize = experiments.add_parser(
+        "memorize",
+        help="UUID-pair memorisation (the paper's Table 2): LoRA and MoRA at two budgets, full fine-tuning",
+        description="Train every method on the same random UUID pairs and measure recall by greedy generation at "
+                    "four checkpoints; write the table (JSON, Markdown) and curves (HTML, PNG). By default the runs "
+                    "go through the studio's queue (start it first with `mora-studio up`, REDIS_URL pointing at its "
+                    "Redis) and this command waits for them; --local trains them here, one after another.")
+    memorize.add_argument("--preset", default="cpu", help="cpu (SmolLM2-135M, about 33 min a seed on 2 cores) or "
+                                                          "gpu (about 10 min a seed on one large GPU); default: cpu")
+    memorize.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each with its own pairs (default: 3)")
+    memorize.add_argument("--ablation", action="store_true",
+                          help="the paper's Table 4 instead: MoRA's variants (truncation, sharing, decouple, rope) "
+                               "at the small budget")
+    memorize.add_argument("--local", action="store_true", help="train in this process, without the queue")
+    memorize.add_argument("--out", type=Path, default=None, help="results folder (default: $MORA_DATA_DIR/bench/GROUP)")
+    results = experiments.add_parser("results",
+                                     help="write the results of a benchmark group again (after it finished)")
+    results.add_argument("group", help="the group name that `bench memorize` printed")
+    results.add_argument("--out", type=Path, default=None, help="results folder (default: $MORA_DATA_DIR/bench/GROUP)")
 
 
 def main(argv: list[str] | None = None) -> int:

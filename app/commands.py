@@ -1,4 +1,5 @@
-"""The process and queue commands of `mora-studio`: up, worker, web, submit, runs, status, cancel, resume, logs."""
+"""The process and queue commands of `mora-studio`: up, worker, web, submit, runs, status, cancel, resume, logs,
+bench."""
 from __future__ import annotations
 
 import argparse
@@ -125,8 +126,82 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from app import bench
+    from storage.repo import Store
+
+    if args.experiment == "results":
+        return _write_bench_results(Store(), args.group, args.out)
+    try:
+        preset = bench.get_preset(args.preset)
+    except ValueError as error:
+        print(f"mora-studio bench: {error}", file=sys.stderr)
+        return 2
+    if args.seeds < 1:
+        print(f"mora-studio bench: --seeds must be at least 1, got {args.seeds}", file=sys.stderr)
+        return 2
+    store = Store()
+    what = "ablation (Table 4)" if args.ablation else "memorisation (Table 2)"
+    print(f"{what}, preset {preset.name}: {preset.description}")
+    if args.local:
+        group = bench.run_local(store, preset, args.seeds, ablation=args.ablation, on_event=_print_bench_event)
+    else:
+        problem = _train_workers_problem()
+        if problem:
+            print(f"mora-studio bench: {problem}", file=sys.stderr)
+            return 2
+        group = bench.submit_benchmark(_service(), preset, args.seeds, ablation=args.ablation)
+        print(f"queued group {group}; waiting for it (Ctrl-C stops waiting, not the runs: write the results later "
+              f"with `mora-studio bench results {group}`)")
+        bench.wait_for_group(store, group)
+    return _write_bench_results(store, group, args.out)
+
+
+def _train_workers_problem() -> str:
+    """Why the queue cannot take the benchmark now, or "" when a training worker is listening."""
+    import redis
+
+    from workers import api
+
+    try:
+        workers = api.workers()
+    except redis.RedisError as error:
+        return (f"cannot reach the studio's Redis ({error}): start the studio with `mora-studio up` and set "
+                "REDIS_URL to its Redis, or run the benchmark here with --local")
+    if not any("train" in worker.get("queues", ()) for worker in workers):
+        return "no training worker is running: start the studio with `mora-studio up`, or use --local"
+    return ""
+
+
+def _print_bench_event(run, event: dict) -> None:
+    if event["kind"] == "status" and event["status"] == "running":
+        print(f"{run.name}: started")
+    elif event["kind"] == "eval" and "char_accuracy" in event:
+        print(f"{run.name}: step {event['step']}: character accuracy {100 * event['char_accuracy']:.1f}%, "
+              f"exact match {100 * event['exact_match']:.1f}%")
+    elif event["kind"] == "status" and event["status"] != "running":
+        print(f"{run.name}: {event['status']} {event.get('message', '')}".rstrip())
+
+
+def _write_bench_results(store, group: str, out) -> int:
+    from app import bench
+
+    try:
+        files = bench.write_results(store, group, out or bench.default_output_dir(group))
+    except ValueError as error:
+        print(f"mora-studio bench: {error}", file=sys.stderr)
+        return 2
+    print(files.markdown.read_text())
+    for path in (files.json, files.markdown, files.html, files.png):
+        if path is not None:
+            print(f"wrote {path}")
+    for problem in files.problems:
+        print(f"mora-studio bench: {problem}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"up": cmd_up, "worker": cmd_worker, "web": cmd_web, "submit": cmd_submit, "runs": cmd_runs,
-            "status": cmd_status, "cancel": cmd_cancel, "resume": cmd_resume, "logs": cmd_logs}
+            "status": cmd_status, "cancel": cmd_cancel, "resume": cmd_resume, "logs": cmd_logs, "bench": cmd_bench}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,6 +32,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif field.name == "target_modules":
             kwargs.update(nargs="+", metavar="NAME")
+        elif field.name == "memorize_eval_steps":
+            kwargs.update(nargs="+", type=int, metavar="STEP")
         elif field.name == "adapter":
             kwargs["choices"] = ADAPTERS
         elif field.name in ("learning_rate", "lora_alpha"):
@@ -77,8 +79,11 @@ class _ProgressLine:
             self.stream.write(f"\r[{bar:<20}] step {done}/{total} | loss {event['loss']:.4f} | "
                               f"{event['tokens_per_second']:,.0f} tok/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
             self.stream.flush()
-        elif kind == "eval":
+        elif kind == "eval" and "eval_loss" in event:
             self._line(f"eval loss {event['eval_loss']:.4f} at step {event['step']}")
+        elif kind == "eval":
+            self._line(f"recall at step {event['step']}: character accuracy {100 * event['char_accuracy']:.1f}%, "
+                       f"exact match {100 * event['exact_match']:.1f}%")
         elif kind in ("log", "status") and event.get("message"):
             prefix = event.get("status") or event.get("level", "info")
             self._line(f"{prefix}: {event['message']}")

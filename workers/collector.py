@@ -22,14 +22,18 @@ from workers import bus
 log = logging.getLogger(__name__)
 
 STEP_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mb")
+# eval_loss from the eval split; char_accuracy and exact_match from a memorisation probe (workers.memorize)
+EVAL_METRICS = ("eval_loss", "char_accuracy", "exact_match")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class Collector:
-    def __init__(self, store: Store, redis_url: str, block_ms: int = 200, lost_after_s: float = 30.0,
+    def __init__(self, store: Store, redis_url: str | None, block_ms: int = 200, lost_after_s: float = 30.0,
                  lost_check_every_s: float = 5.0) -> None:
+        """`redis_url` None: no bus, and only `apply` works; `mora-studio bench memorize --local` stores the events of
+        run folders this way."""
         self.store = store
-        self.client = bus.connect(redis_url)
+        self.client = bus.connect(redis_url) if redis_url else None
         self.block_ms = block_ms
         self.lost_after_s = lost_after_s
         self.lost_check_every_s = lost_check_every_s
@@ -104,8 +108,9 @@ class Collector:
                                 tokens_per_second=event.get("tokens_per_second"),
                                 tokens_seen=event.get("tokens_seen"), peak_memory_mb=event.get("peak_memory_mb"))
             elif kind == "eval":
-                points.append({**_point(event, "eval_loss"), "value": event["eval_loss"]})
-                progress["last_eval_loss"] = event["eval_loss"]
+                points += [_point(event, name) for name in EVAL_METRICS if event.get(name) is not None]
+                if event.get("eval_loss") is not None:
+                    progress["last_eval_loss"] = event["eval_loss"]
             elif kind in ("log", "checkpoint", "data") and event["seq"] >= 0:
                 lines.append({"seq": event["seq"], "time": event["time"], "level": event.get("level", "info"),
                               "message": _describe(event)})

@@ -372,12 +372,13 @@ def _nothing_left(name: str, split: str, report: DataReport, max_length: int) ->
 
 def build_datasets(path: Union[str, Path], tokenizer: PreTrainedTokenizerBase, max_length: int,
                    eval_path: Union[str, Path, None] = None, eval_fraction: float = 0.0,
-                   seed: int = 0) -> PreparedData:
+                   seed: int = 0, pack_text: bool = True) -> PreparedData:
     """Validate, render, tokenize and split a dataset file for training.
 
     Eval comes from `eval_path`, or from `eval_fraction` of the rows chosen with `seed`. Rows are split before
     rendering and packing, so no eval row reaches a training example. A dropped row of the eval file is reported
-    with the eval file's name before its reason, since its row number is that file's.
+    with the eval file's name before its reason, since its row number is that file's. With `pack_text=False` each raw
+    text document is an example of its own instead of being packed into blocks with others.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
@@ -402,11 +403,11 @@ def build_datasets(path: Union[str, Path], tokenizer: PreTrainedTokenizerBase, m
     else:
         eval_examples = []
     renderer = None if info.schema == "text" else chat_renderer(tokenizer, report)
-    train = prepare(examples, tokenizer, renderer, max_length, report, "train")
+    train = prepare(examples, tokenizer, renderer, max_length, report, "train", pack_text)
     if not train:
         raise _nothing_left(name, "training", report, max_length)
     train_drops = len(report.dropped)
-    evaluation = prepare(eval_examples, tokenizer, renderer, max_length, report, "eval")
+    evaluation = prepare(eval_examples, tokenizer, renderer, max_length, report, "eval", pack_text)
     if eval_name:
         report.dropped[train_drops:] = [(row, f"{eval_name}: {reason}") for row, reason in report.dropped[train_drops:]]
     if eval_examples and not evaluation:

@@ -13,7 +13,8 @@ report says so.
 
 Raw `text` documents are tokenized, each followed by the eos token, concatenated and cut into blocks of exactly
 `max_length` tokens, all trained; the last, partial block is kept if at least half full. Blocks attend across the
-document boundaries inside them, as usual for packed pretraining.
+document boundaries inside them, as usual for packed pretraining. Without packing (`pack_text=False`), each document
+is one example, cut to `max_length` and padded in its batch.
 
 transformers is imported for type hints only: the web process imports `workers.data` and needs none of it.
 """
@@ -277,9 +278,26 @@ def pack(stream: list[int], max_length: int, report: DataReport, split: str) -> 
     return [{"input_ids": block, "labels": list(block), "attention_mask": [1] * len(block)} for block in blocks]
 
 
+def unpacked(examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_length: int,
+             report: DataReport) -> list[Features]:
+    """One example per document (its tokens and eos), cut to max_length: what a task needs whose examples must not
+    share a sequence, such as key:value pairs recalled one at a time."""
+    rows = [example.row for example in examples if example.content.strip()]
+    features = []
+    for row, tokens in zip(rows, document_tokens(examples, tokenizer, report)):
+        if len(tokens) > max_length:
+            report.truncated.append(row)
+            tokens = tokens[:max_length]
+        features.append({"input_ids": tokens, "labels": list(tokens), "attention_mask": [1] * len(tokens)})
+    return features
+
+
 def prepare(examples: list[Example], tokenizer: PreTrainedTokenizerBase, renderer: Optional[ChatRenderer],
-            max_length: int, report: DataReport, split: str) -> list[Features]:
-    """Packed blocks for raw text (no renderer), else one example per conversation."""
+            max_length: int, report: DataReport, split: str, pack_text: bool = True) -> list[Features]:
+    """Raw text (no renderer): packed blocks, or one example per document without `pack_text`; else one example
+    per conversation."""
+    if renderer is None and not pack_text:
+        return unpacked(examples, tokenizer, max_length, report)
     if renderer is None:
         return pack(list(chain.from_iterable(document_tokens(examples, tokenizer, report))), max_length, report,
                     split)

@@ -78,6 +78,9 @@ class TrainConfig:
     remora_warmup: int = field(default=50, metadata={"help": "steps of learning-rate re-warm-up after each ReMoRA merge"})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16"})
     name: str = field(default="", metadata={"help": "a name for the run"})
+    pack_text: bool = field(default=True, metadata={"help": "raw text: pack documents into max_length blocks (off: one document per example, padded)"})
+    memorize_pairs_file: Optional[str] = field(default=None, metadata={"help": "key:value pairs (text JSONL) whose recall is measured by greedy generation"})
+    memorize_eval_steps: list[int] = field(default_factory=list, metadata={"help": "steps at which to measure recall of memorize_pairs_file (character accuracy, exact match)"})
 
     def resolved(self) -> "TrainConfig":
         """A copy with every default filled in, as recorded in the run folder."""
@@ -128,8 +131,22 @@ class TrainConfig:
                 problems.append("remora_steps: ReMoRA switches groupings, so it needs variant sharing (not rope)")
             if self.remora_steps < 0:
                 problems.append(f"remora_steps: must be positive, got {self.remora_steps}")
+        problems += self._memorize_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _memorize_problems(self) -> list[str]:
+        problems = []
+        if self.memorize_eval_steps and not self.memorize_pairs_file:
+            problems.append("memorize_eval_steps: name the pairs to test with memorize_pairs_file")
+        if self.memorize_pairs_file and not self.memorize_eval_steps:
+            problems.append("memorize_pairs_file: give the steps to test at with memorize_eval_steps")
+        for step in self.memorize_eval_steps:
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                problems.append(f"memorize_eval_steps: steps must be whole numbers ≥ 0, got {step!r}")
+            elif self.max_steps > 0 and step > self.max_steps:
+                problems.append(f"memorize_eval_steps: step {step} lies after max_steps={self.max_steps}")
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

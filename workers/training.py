@@ -25,6 +25,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 import mora
 from workers.data import build_datasets, collate
 from workers.events import EventPublisher, EventSink, JsonlSink
+from workers.memorize import evaluate_pairs, read_pairs
 from workers.models import load_model, resolve_model
 from workers.train_config import TrainConfig
 
@@ -151,6 +152,29 @@ class RemoraCallback(TrainerCallback):
                 group["lr"] *= (since + 1) / self.warmup
 
 
+class MemorizeCallback(TrainerCallback):
+    """At the given steps (0: before the first), greedy-generate every pair's value from its key and emit an `eval`
+    event with the character accuracy and exact-match rate (`workers.memorize`, MORA_SPEC.md §6)."""
+
+    def __init__(self, pairs: list[tuple[str, str]], steps: Iterable[int], tokenizer, publisher: EventPublisher,
+                 batch_size: Optional[int] = None) -> None:
+        self.pairs, self.steps, self.tokenizer, self.publisher = pairs, set(steps), tokenizer, publisher
+        # a GPU generates hundreds of sequences at once; two CPU cores gain little past a few dozen
+        self.batch_size = batch_size or (256 if torch.cuda.is_available() else 32)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0 and 0 in self.steps:
+            self._evaluate(model, state)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps:
+            self._evaluate(model, state)
+
+    def _evaluate(self, model, state) -> None:
+        scores = evaluate_pairs(model, self.tokenizer, self.pairs, self.batch_size)
+        self.publisher.emit("eval", step=state.global_step, epoch=state.epoch, pairs=len(self.pairs), **scores)
+
+
 class StudioTrainer(Trainer):
     """A Trainer whose checkpoints hold the adapter alone (megabytes, not the whole base model)."""
 
@@ -255,7 +279,7 @@ def _train(config: TrainConfig, run_dir: Path, publisher: EventPublisher, should
     model, tokenizer = load_model(model_info.name if model_info.is_default else model_info.path, dtype=load_dtype)
     publisher.log(f"model {model_info.name} ({model_info.parameters:,} parameters) loaded in {load_dtype}")
     data = build_datasets(config.data, tokenizer, config.max_length, eval_path=config.eval_data,
-                          eval_fraction=config.eval_fraction, seed=config.seed)
+                          eval_fraction=config.eval_fraction, seed=config.seed, pack_text=config.pack_text)
     publisher.emit("data", report=asdict(data.report), schema=data.info.schema, rows=data.info.rows,
                    train_examples=len(data.train), eval_examples=len(data.eval))
     if not data.train:
@@ -273,6 +297,9 @@ def _train(config: TrainConfig, run_dir: Path, publisher: EventPublisher, should
     callbacks = [callback]
     if config.remora_steps:
         callbacks.append(RemoraCallback(config.remora_steps, config.remora_warmup, publisher))
+    if config.memorize_eval_steps:
+        callbacks.append(MemorizeCallback(read_pairs(config.memorize_pairs_file), config.memorize_eval_steps,
+                                          tokenizer, publisher))
     trainer = StudioTrainer(
         model=model,
         args=_training_arguments(config, run_dir, bool(data.eval), dtype),
