@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from app import chat_view, datasets, runs_view, settings, system_view, train_view
+from app import bench, chat_view, datasets, runs_view, settings, system_view, train_view
 from app.charts import effective_rank_figure, loss_figure
 from app.service import ServiceError, StudioService
 from storage.repo import StorageError
@@ -146,6 +146,15 @@ def train_tab(service: StudioService) -> dict[str, Any]:
                 preset = gr.Dropdown(train_view.list_presets(settings.presets_dir()), label="Saved presets")
                 load = gr.Button("Load preset")
             preset_message = gr.Markdown()
+        with gr.Accordion("Reproduce the paper: MoRA memorises what LoRA cannot (UUID pairs)", open=False):
+            visible_presets = [name for name, p in bench.PRESETS.items() if not p.hidden]
+            with gr.Row():
+                paper_preset = gr.Dropdown(visible_presets, value=visible_presets[0], label="Preset")
+                paper_seeds = gr.Number(value=3, precision=0, label="Seeds")
+                paper_ablation = gr.Checkbox(False, label="Table 4 ablation (compression variants) instead")
+            paper_description = gr.Markdown(bench.PRESETS[visible_presets[0]].description)
+            paper_launch = gr.Button("Launch the whole set", elem_id="launch-paper")
+            paper_message = gr.Markdown(elem_id="paper-message")
 
     names = list(form)
     components = [form[n] for n in names]
@@ -181,6 +190,15 @@ def train_tab(service: StudioService) -> dict[str, Any]:
             return [f"⚠️ {error}"] + [gr.skip()] * len(components)
         return [f"Loaded preset **{name}**."] + [values.get(n, gr.skip()) for n in names]
 
+    def on_paper(preset_name, seeds, ablation):
+        try:
+            group = bench.submit_benchmark(service, preset_name, max(1, int(seeds or 1)), bool(ablation))
+        except FRIENDLY_ERRORS as error:
+            return f"⚠️ {error}"
+        return f"✅ queued the group **{group}**; its curves appear in the Runs tab and its table under Paper results."
+
+    paper_preset.change(lambda name: bench.PRESETS[name].description, paper_preset, paper_description)
+    paper_launch.click(on_paper, [paper_preset, paper_seeds, paper_ablation], paper_message)
     for trigger in (form["adapter"], form["r"], form["variant"], form["model"]):
         trigger.change(on_rank_change, [form["adapter"], form["r"], form["variant"], form["model"]],
                        [defaults, budget], show_progress="hidden")
@@ -216,6 +234,12 @@ def runs_tab(service: StudioService) -> dict[str, Any]:
             export = gr.Button("Export metrics CSV")
         action_message = gr.Markdown(elem_id="run-action-message")
         csv_file = gr.File(label="Metrics CSV", interactive=False)
+        with gr.Accordion("Paper results (memorisation groups)", open=False) as paper_results:
+            with gr.Row():
+                paper_group = gr.Dropdown([], label="Group", scale=4)
+                paper_refresh = gr.Button("Show results", scale=1)
+            paper_table = gr.Markdown()
+            paper_figure = gr.Plot(label="Loss and character accuracy")
         known_runs = gr.State([])
         timer = gr.Timer(1.0)
 
@@ -266,6 +290,21 @@ def runs_tab(service: StudioService) -> dict[str, Any]:
         except FRIENDLY_ERRORS as error:
             return f"⚠️ {error}", gr.skip()
 
+    def memorize_groups():
+        groups = sorted({r.group_name for r in service.runs() if r.group_name and "memorize" in r.tags}, reverse=True)
+        return gr.Dropdown(choices=groups, value=groups[0] if groups else None)
+
+    def paper_view(group):
+        if not group:
+            return "Launch the set from the Train tab first.", None
+        try:
+            rows = bench.results_table(service.store, group)
+            return bench.markdown_table(rows, group), bench.results_figure(service.store, group)
+        except FRIENDLY_ERRORS as error:
+            return f"⚠️ {error}", None
+
+    paper_results.expand(memorize_groups, None, paper_group)
+    paper_refresh.click(paper_view, paper_group, [paper_table, paper_figure])
     outputs = [table, selected, chosen, known_runs, curves, diff, metrics, ranks]
     inputs = [selected, x_axis, smoothing, log_scale, known_runs]
     timer.tick(refresh, inputs, outputs, show_progress="hidden")
