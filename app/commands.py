@@ -23,17 +23,20 @@ def _service():
 def cmd_up(args: argparse.Namespace) -> int:
     from workers.embedded_redis import EmbeddedRedis
     from workers.models import ensure_default_model
+    from workers.settings import embedded_redis_file
     from workers.processes import ProcessGroup, celery_command, run_until_signalled, worker_env, worker_specs
 
     if not args.no_prepare:
         ensure_default_model()  # one time: the default model is converted from its PyPI package
     env = {**os.environ, "MORA_DATA_DIR": str(settings.data_dir())}
     group = ProcessGroup(settings.logs_dir())
+    published = embedded_redis_file()
     try:
         if not env.get("REDIS_URL"):
             redis = EmbeddedRedis(log_file=settings.logs_dir() / "redis-server.log")
             redis.wait_ready(process=group.spawn("redis", redis.command()))
             env["REDIS_URL"] = redis.url
+            published.write_text(redis.url + "\n")  # so `mora-studio submit`, `cancel`, ... in another terminal find it
         gpus = [g for g in args.gpus.split(",") if g]
         for spec in worker_specs(["train", "chat"], gpus, args.cpu_workers):
             group.spawn(f"worker-{spec.name}", celery_command(spec), worker_env(spec, env))
@@ -42,8 +45,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         group.stop()
         raise
     url = f"http://{settings.host()}:{settings.port()}"
-    return run_until_signalled(group, f"MoRA Studio is starting at {url} (Redis {env['REDIS_URL']}; logs in "
-                                      f"{settings.logs_dir()}). Ctrl-C stops everything.")
+    try:
+        return run_until_signalled(group, f"MoRA Studio is starting at {url} (Redis {env['REDIS_URL']}; logs in "
+                                          f"{settings.logs_dir()}). Ctrl-C stops everything.")
+    finally:
+        published.unlink(missing_ok=True)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -205,6 +211,8 @@ COMMANDS = {"up": cmd_up, "worker": cmd_worker, "web": cmd_web, "submit": cmd_su
 
 
 def run(args: argparse.Namespace) -> int:
+    import redis
+
     from app.service import ServiceError
     from storage.repo import StorageError
 
@@ -212,4 +220,8 @@ def run(args: argparse.Namespace) -> int:
         return COMMANDS[args.command](args)
     except (ServiceError, StorageError) as error:
         print(f"mora-studio {args.command}: {error}", file=sys.stderr)
+        return 2
+    except redis.ConnectionError as error:
+        print(f"mora-studio {args.command}: cannot reach Redis ({error}); is `mora-studio up` running, or REDIS_URL "
+              "set to the studio's Redis?", file=sys.stderr)
         return 2

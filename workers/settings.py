@@ -21,8 +21,16 @@ def runs_dir() -> Path:
 
 
 def redis_url() -> str | None:
-    """REDIS_URL: the broker and event bus shared by every host; unset on one machine means an embedded Redis."""
-    return os.environ.get("REDIS_URL") or None
+    """REDIS_URL: the broker and event bus shared by every host. Unset, the embedded Redis of a running
+    `mora-studio up` on this data folder (its address is in the data folder), so `submit`, `cancel`... find it."""
+    if os.environ.get("REDIS_URL"):
+        return os.environ["REDIS_URL"]
+    published = embedded_redis_file()
+    return published.read_text().strip() or None if published.exists() else None
+
+
+def embedded_redis_file() -> Path:
+    return data_dir() / "redis.url"
 
 
 def worker_gpus() -> list[str]:

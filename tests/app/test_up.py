@@ -58,10 +58,16 @@ def test_up_serves_http_and_stops_everything_on_sigint(tmp_path, tiny_model_dir)
         assert any("redis-server" in c and "127.0.0.1" in c for c in commands)
         assert sum("celery" in c for c in commands) == 2
         assert (tmp_path / "data" / "logs" / "web.log").exists()
+        published = tmp_path / "data" / "redis.url"
+        assert published.read_text().startswith("redis://127.0.0.1:")  # other terminals' commands find the Redis
+        runs = subprocess.run([sys.executable, "-m", "app.cli", "runs"], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+        assert runs.returncode == 0 and runs.stdout.startswith("id"), runs.stderr
         up.send_signal(signal.SIGINT)
         output, _ = up.communicate(timeout=60)
         assert up.returncode == 0, output
         wait_for(lambda: not any(_alive(pid) for pid in children), 20, "every child process to exit")
+        assert not published.exists()
         assert "Ctrl-C stops everything" in output
     finally:
         if up.poll() is None:
