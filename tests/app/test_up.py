@@ -7,12 +7,38 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from tests.workers.queue_harness import wait_for
 from workers.embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def studio_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
+    """A studio of its own: its data folder, its port, no user's Redis, no hub."""
+    env = {**os.environ, "MORA_DATA_DIR": str(tmp_path / "data"), "MORA_PORT": str(port), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT), **extra}
+    env.pop("REDIS_URL", None)
+    return env
+
+
+@contextmanager
+def studio_process(args: list[str], env: dict[str, str], cwd: Path, stop_timeout: float = 60) -> Iterator:
+    """`mora-studio ARGS` as a child; stopped with Ctrl-C (SIGINT) at the end, killed if it does not stop."""
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.communicate(timeout=stop_timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def _children(pid: int) -> list[int]:
@@ -45,12 +71,8 @@ def _http_ok(url: str) -> bool:
 
 def test_up_serves_http_and_stops_everything_on_sigint(tmp_path, tiny_model_dir):
     port = free_port()
-    env = {**os.environ, "MORA_DATA_DIR": str(tmp_path / "data"), "MORA_PORT": str(port),
-           "MORA_MODELS_DIR": str(Path(tiny_model_dir).parent), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("REDIS_URL", None)
-    up = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--no-prepare"], env=env, cwd=tmp_path,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    env = studio_env(tmp_path, port, MORA_MODELS_DIR=str(Path(tiny_model_dir).parent))
+    with studio_process(["up", "--no-prepare"], env, tmp_path) as up:
         wait_for(lambda: _http_ok(f"http://127.0.0.1:{port}/"), 120, "the web app to answer", every=0.5)
         children = _children(up.pid)
         assert len(children) == 4, children  # redis, the training worker, the chat worker, web
@@ -69,20 +91,13 @@ def test_up_serves_http_and_stops_everything_on_sigint(tmp_path, tiny_model_dir)
         wait_for(lambda: not any(_alive(pid) for pid in children), 20, "every child process to exit")
         assert not published.exists()
         assert "Ctrl-C stops everything" in output
-    finally:
-        if up.poll() is None:
-            up.kill()
 
 
 def test_web_binds_loopback_and_requires_login_when_auth_is_set(tmp_path):
     port = free_port()
-    env = {**os.environ, "MORA_DATA_DIR": str(tmp_path / "data"), "MORA_PORT": str(port), "HF_HUB_OFFLINE": "1",
-           "MORA_AUTH": "ada:secret-pass", "PYTHONPATH": str(ROOT)}
-    env.pop("REDIS_URL", None)
+    env = studio_env(tmp_path, port, MORA_AUTH="ada:secret-pass")
     env.pop("MORA_HOST", None)
-    web = subprocess.Popen([sys.executable, "-m", "app.cli", "web"], env=env, cwd=tmp_path,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with studio_process(["web"], env, tmp_path, stop_timeout=30):
         wait_for(lambda: _http_status(f"http://127.0.0.1:{port}/config") in (200, 401), 120, "the web app", every=0.5)
         assert _http_status(f"http://127.0.0.1:{port}/config") == 401  # nothing without logging in
         listening = Path("/proc/net/tcp").read_text().splitlines()
@@ -97,12 +112,6 @@ def test_web_binds_loopback_and_requires_login_when_auth_is_set(tmp_path):
                                        data=b"username=ada&password=nope",
                                        headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert _http_status(wrong) == 400
-    finally:
-        web.send_signal(signal.SIGINT)
-        try:
-            web.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            web.kill()
 
 
 def _http_status(request) -> int:

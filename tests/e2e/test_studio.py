@@ -3,18 +3,14 @@ workers, the tiny model registered through MORA_MODELS_DIR): upload a JSONL and 
 pair, watch both curves grow in the overlay, reload mid-run and find the curve intact, cancel one, chat with both
 side by side in blind A/B, vote. Screenshots land in test-artifacts/e2e/."""
 import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from storage.repo import Store
-from tests.app.test_up import _http_ok
+from tests.app.test_up import _http_ok, studio_env, studio_process
 from tests.workers.queue_harness import wait_for
 from tests.workers.sample_data import write_dataset
 from workers.embedded_redis import free_port
@@ -28,22 +24,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 @pytest.fixture()
 def studio(tmp_path, tiny_model_dir):
     port = free_port()
-    data_dir = tmp_path / "data"
-    env = {**os.environ, "MORA_DATA_DIR": str(data_dir), "MORA_PORT": str(port), "HF_HUB_OFFLINE": "1",
-           "MORA_MODELS_DIR": str(Path(tiny_model_dir).parent), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("REDIS_URL", None)
-    up = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--no-prepare", "--cpu-workers", "2"], env=env,
-                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
+    env = studio_env(tmp_path, port, MORA_MODELS_DIR=str(Path(tiny_model_dir).parent), OMP_NUM_THREADS="1")
+    with studio_process(["up", "--no-prepare", "--cpu-workers", "2"], env, tmp_path):
+        url = f"http://127.0.0.1:{port}/"
         wait_for(lambda: _http_ok(url), 120, "the studio to answer", every=0.5)
-        yield url, data_dir
-    finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        yield url, tmp_path / "data"
 
 
 def _plot_points(page) -> dict:
