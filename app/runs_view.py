@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from storage.records import ArtifactRecord, MetricPointRecord, RunRecord
+from workers.models import format_parameters
 
 RUN_COLUMNS = ("id", "name", "adapter", "r", "status", "progress", "ETA", "final loss", "tokens/s", "created")
 ADAPTER_COLUMNS = ("run", "adapter", "r̂", "trainable params", "adapter size", "mean effective rank", "tokens/s",
@@ -31,17 +32,6 @@ Series = Mapping[str, Mapping[str, Sequence[MetricPointRecord]]]
 
 
 # -- formatting -------------------------------------------------------------------------------------------------
-
-
-def format_parameters(count: Optional[int]) -> str:
-    """A count to three significant digits: 2_436_096 → "2.44M", 134_515_008 → "135M", 999 → "999"."""
-    if count is None:
-        return ""
-    rounded = float(f"{count:.3g}")
-    for size, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if rounded >= size:
-            return f"{rounded / size:.3g}{unit}"
-    return str(count)
 
 
 def format_bytes(n: Optional[float]) -> str:

@@ -154,11 +154,15 @@ def describe_models_table(models: list[ModelInfo]) -> str:
                      for row in rows)
 
 
-def format_parameters(count: int) -> str:
-    """134515008 → "134.5M"."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= size:
-            return f"{count / size:.1f}{unit}"
+def format_parameters(count: Optional[int]) -> str:
+    """Three significant digits, so the model list, the runs table and the CLI read alike:
+    2_436_096 → "2.44M", 134_515_008 → "135M", 999 → "999"; None (not known) → ""."""
+    if count is None:
+        return ""
+    rounded = float(f"{count:.3g}")
+    for size, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if rounded >= size:
+            return f"{rounded / size:.3g}{unit}"
     return str(count)
 
 

@@ -267,7 +267,7 @@ def test_describe_models_table_aligns_columns(tiny_model_dir):
     header, default, tiny = table.splitlines()
     assert header.split()[:3] == ["name", "architecture", "parameters"]
     assert default.index("LlamaForCausalLM") == tiny.index("LlamaForCausalLM") == header.index("architecture")
-    assert "134.5M" in default and "8192" in default and default.endswith("(prepared on first use)")
+    assert "135M" in default and "8192" in default and default.endswith("(prepared on first use)")
     parameters = models.format_parameters(list_models()[1].parameters)
     assert parameters.endswith("K") and parameters in tiny and " yes " in tiny
     assert tiny.endswith(str(models_dir() / "tiny"))
