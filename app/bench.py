@@ -158,6 +158,13 @@ _HIDDEN_PRESETS: dict[str, Preset] = {
 }
 
 
+def offered_presets(installed_models: Iterable[str]) -> list[str]:
+    """The presets the studio offers: the public ones, and any other whose model is installed here (a preset is
+    only worth a button when its model can load)."""
+    installed = set(installed_models)
+    return list(PRESETS) + [name for name, preset in _HIDDEN_PRESETS.items() if preset.model in installed]
+
+
 def get_preset(preset: Union[str, Preset]) -> Preset:
     if isinstance(preset, Preset):
         return preset

@@ -147,12 +147,13 @@ def train_tab(service: StudioService) -> dict[str, Any]:
                 load = gr.Button("Load preset")
             preset_message = gr.Markdown()
         with gr.Accordion("Reproduce the paper: MoRA memorises what LoRA cannot (UUID pairs)", open=False):
-            visible_presets = [name for name, p in bench.PRESETS.items() if not p.hidden]
+            offered = bench.offered_presets(m.name for m in list_models())
             with gr.Row():
-                paper_preset = gr.Dropdown(visible_presets, value=visible_presets[0], label="Preset")
-                paper_seeds = gr.Number(value=3, precision=0, label="Seeds")
-                paper_ablation = gr.Checkbox(False, label="Table 4 ablation (compression variants) instead")
-            paper_description = gr.Markdown(bench.PRESETS[visible_presets[0]].description)
+                paper_preset = gr.Dropdown(offered, value=offered[0], label="Preset", elem_id="paper-preset")
+                paper_seeds = gr.Number(value=3, precision=0, label="Seeds", elem_id="paper-seeds")
+                paper_ablation = gr.Checkbox(False, label="Table 4 ablation (compression variants) instead",
+                                             elem_id="paper-ablation")
+            paper_description = gr.Markdown(bench.get_preset(offered[0]).description)
             paper_launch = gr.Button("Launch the whole set", elem_id="launch-paper")
             paper_message = gr.Markdown(elem_id="paper-message")
 
@@ -197,7 +198,7 @@ def train_tab(service: StudioService) -> dict[str, Any]:
             return f"⚠️ {error}"
         return f"✅ queued the group **{group}**; its curves appear in the Runs tab and its table under Paper results."
 
-    paper_preset.change(lambda name: bench.PRESETS[name].description, paper_preset, paper_description)
+    paper_preset.change(lambda name: bench.get_preset(name).description, paper_preset, paper_description)
     paper_launch.click(on_paper, [paper_preset, paper_seeds, paper_ablation], paper_message)
     for trigger in (form["adapter"], form["r"], form["variant"], form["model"]):
         trigger.change(on_rank_change, [form["adapter"], form["r"], form["variant"], form["model"]],
@@ -234,12 +235,13 @@ def runs_tab(service: StudioService) -> dict[str, Any]:
             export = gr.Button("Export metrics CSV")
         action_message = gr.Markdown(elem_id="run-action-message")
         csv_file = gr.File(label="Metrics CSV", interactive=False)
-        with gr.Accordion("Paper results (memorisation groups)", open=False) as paper_results:
+        with gr.Accordion("Paper results (memorisation groups)", open=False,
+                          elem_id="paper-results") as paper_results:
             with gr.Row():
-                paper_group = gr.Dropdown([], label="Group", scale=4)
-                paper_refresh = gr.Button("Show results", scale=1)
-            paper_table = gr.Markdown()
-            paper_figure = gr.Plot(label="Loss and character accuracy")
+                paper_group = gr.Dropdown([], label="Group", scale=4, elem_id="paper-group")
+                paper_refresh = gr.Button("Show results", scale=1, elem_id="paper-show")
+            paper_table = gr.Markdown(elem_id="paper-table")
+            paper_figure = gr.Plot(label="Loss and character accuracy", elem_id="paper-figure")
         known_runs = gr.State([])
         timer = gr.Timer(1.0)
 

@@ -7,29 +7,10 @@ import statistics
 import time
 from pathlib import Path
 
-import pytest
-
 from storage.repo import Store
-from tests.app.test_up import _http_ok, studio_env, studio_process
+from tests.e2e.browser import ARTIFACTS, open_page, shot as _shot
 from tests.workers.queue_harness import wait_for
 from tests.workers.sample_data import write_dataset
-from workers.embedded_redis import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts" / "e2e"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture()
-def studio(tmp_path, tiny_model_dir):
-    port = free_port()
-    env = studio_env(tmp_path, port, MORA_MODELS_DIR=str(Path(tiny_model_dir).parent), OMP_NUM_THREADS="1")
-    with studio_process(["up", "--no-prepare", "--cpu-workers", "2"], env, tmp_path):
-        url = f"http://127.0.0.1:{port}/"
-        wait_for(lambda: _http_ok(url), 120, "the studio to answer", every=0.5)
-        yield url, tmp_path / "data"
-
 
 def _plot_points(page) -> dict:
     return page.evaluate("""() => {
@@ -39,11 +20,6 @@ def _plot_points(page) -> dict:
     }""")
 
 
-def _shot(page, name):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
 def _check_all(page, selector):
     boxes = page.locator(f"{selector} input[type=checkbox]")
     for index in range(boxes.count()):
@@ -51,15 +27,9 @@ def _check_all(page, selector):
 
 
 def test_a_new_user_trains_compares_and_chats(studio, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     url, data_dir = studio
     dataset = write_dataset(tmp_path, "chat")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(url)
+    with open_page(url) as page:
 
         # Data: upload, see the detected format and the preview with trained tokens highlighted
         page.locator("#upload input[type=file]").set_input_files(str(dataset))
@@ -145,7 +115,6 @@ def test_a_new_user_trains_compares_and_chats(studio, tmp_path):
         votes = [store.votes_for_run(r.id) for r in store.list_runs()]
         assert sum(v.wins for v in votes) == 1 and sum(v.losses for v in votes) == 1
         _shot(page, "6-vote")
-        browser.close()
 
     # the measured delay, step end on the worker -> point drawn in the page
     delays = []
