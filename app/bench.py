@@ -27,7 +27,7 @@ import re
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -156,6 +156,14 @@ _HIDDEN_PRESETS: dict[str, Preset] = {
         model="tiny-llama", width=64, pairs=4, steps=9, batch_size=2, max_length=96, lr_factors=(1.0,),
         hidden=True),
 }
+
+
+def with_lr_factors(preset: Union[str, Preset], factors: Sequence[float]) -> Preset:
+    """The preset with another learning-rate sweep, for when a method's best rate lies at an edge of the preset's."""
+    factors = tuple(float(f) for f in factors)
+    if not factors or any(not math.isfinite(f) or f <= 0 for f in factors):
+        raise ValueError(f"learning-rate factors must be positive numbers, got {' '.join(map(str, factors)) or 'none'}")
+    return replace(get_preset(preset), lr_factors=factors)
 
 
 def offered_presets(installed_models: Iterable[str]) -> list[str]:
@@ -439,6 +447,11 @@ def markdown_table(rows: list[dict[str, Any]], group: str = "") -> str:
             lines.append(f"| {row['label']} | {rate} | {len(entry['seeds'])} | "
                          f"{_cell(entry['char_accuracy'].get(final_step))} | "
                          f"{_cell(entry['exact_match'].get(final_step))} |")
+    edges = [row["label"] for row in rows if len(row["sweep"]) > 1
+             and row["learning_rate"] == max(entry["learning_rate"] for entry in row["sweep"])]
+    if edges:
+        lines += ["", f"The best rate is the largest swept for {', '.join(edges)}: a larger one may do better "
+                      "(sweep further with `--lr-factors`)."]
     if any(row["adapter"] == "lora" for row in rows):
         lines += ["", "The paper (LLaMA-2-7B, 10k pairs), character accuracy (%):", "",
                   "| method | " + " | ".join(f"step {s}" for s in PAPER_CHECKPOINTS) + " |",

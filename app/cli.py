@@ -75,6 +75,9 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     memorize.add_argument("--ablation", action="store_true",
                           help="the paper's Table 4 instead: MoRA's variants (truncation, sharing, decouple, rope) "
                                "at the small budget")
+    memorize.add_argument("--lr-factors", type=float, nargs="+", default=None, metavar="F",
+                          help="the learning-rate sweep: each method's width-scaled paper rate times each F "
+                               "(default: the preset's; cpu 0.5 2, gpu 0.5 1 2)")
     memorize.add_argument("--local", action="store_true", help="train in this process, without the queue")
     memorize.add_argument("--out", type=Path, default=None, help="results folder (default: $MORA_DATA_DIR/bench/GROUP)")
     results = experiments.add_parser("results",

@@ -140,6 +140,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _write_bench_results(Store(), args.group, args.out)
     try:
         preset = bench.get_preset(args.preset)
+        if args.lr_factors:
+            preset = bench.with_lr_factors(preset, args.lr_factors)
     except ValueError as error:
         print(f"mora-studio bench: {error}", file=sys.stderr)
         return 2
@@ -148,7 +150,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     store = Store()
     what = "ablation (Table 4)" if args.ablation else "memorisation (Table 2)"
-    print(f"{what}, preset {preset.name}: {preset.description}")
+    print(f"{what}, preset {preset.name}: {preset.description} Learning-rate factors: "
+          f"{', '.join(f'{f:g}' for f in preset.lr_factors)}.")
     if args.local:
         group = bench.run_local(store, preset, args.seeds, ablation=args.ablation, on_event=_print_bench_event)
     else:

@@ -157,6 +157,7 @@ def test_the_table_takes_each_methods_best_rate_with_mean_and_spread_over_seeds(
     markdown = bench.markdown_table(rows, group)
     assert f"| full fine-tuning | {by_key['full']['learning_rate']:g} | 50.0 ± 0.0 |" in markdown
     assert "95.0 ± 7.1 |" in markdown and "| MoRA r=8 | 10.1 | 15.7 | 87.4 | 100 |" in markdown
+    assert "The best rate is the largest swept for LoRA r=1, MoRA r=1 (rope): a larger one" in markdown
     with pytest.raises(ValueError, match="no runs"):
         bench.results_table(store, "no such group")
 
@@ -217,3 +218,23 @@ def test_bench_memorize_refuses_an_unknown_preset_and_an_unreachable_studio(tmp_
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
     assert main(["bench", "memorize", "--preset", "tiny", "--seeds", "1"]) == 2
     assert "--local" in capsys.readouterr().err
+
+
+def test_the_sweep_can_be_extended_past_the_presets_rates(tmp_path):
+    extended = bench.with_lr_factors("cpu", [4, 8])
+    assert extended.lr_factors == (4.0, 8.0) and extended.steps == bench.PRESETS["cpu"].steps
+    default_rates = {p["name"].split(" · ")[0]: p["learning_rate"] for p in bench.plan_runs("cpu", 0, data_dir=tmp_path)}
+    plans = bench.plan_runs(extended, 0, data_dir=tmp_path)
+    assert len(plans) == 10
+    for label, rate in default_rates.items():  # the default's top rate is 2x; 4x and 8x go on from it
+        rates = sorted(p["learning_rate"] for p in plans if p["name"].startswith(label + " · "))
+        assert rates == [pytest.approx(2 * rate, rel=0.05), pytest.approx(4 * rate, rel=0.05)]
+    for bad in ([], [0], [-1.0], [float("nan")]):
+        with pytest.raises(ValueError, match="learning-rate factors must be positive"):
+            bench.with_lr_factors("cpu", bad)
+
+
+def test_bench_memorize_refuses_a_bad_sweep(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MORA_DATA_DIR", str(tmp_path / "data"))
+    assert main(["bench", "memorize", "--lr-factors", "0", "--local"]) == 2
+    assert "learning-rate factors must be positive numbers, got 0.0" in capsys.readouterr().err
