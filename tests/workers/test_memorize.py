@@ -1,7 +1,9 @@
 """The memorisation probe: UUID pairs, their dataset, the recall metrics on hand-checked examples, the evaluator on
 the tiny Llama, and the training callback that measures recall at chosen steps (events and stored metric points)."""
 import json
+import random
 import re
+import statistics
 
 import pytest
 
@@ -10,8 +12,8 @@ from storage.repo import Store
 from workers.collector import Collector
 from workers.data import build_datasets, inspect_dataset
 from workers.events import read_events
-from workers.memorize import (char_accuracy, evaluate_pairs, exact_match, generate_values, make_uuid_pairs,
-                              read_pairs, score, write_pairs_dataset)
+from workers.memorize import (FORMAT_ONLY_CHAR_ACCURACY, char_accuracy, evaluate_pairs, exact_match, generate_values,
+                              make_uuid_pairs, random_uuid, read_pairs, score, write_pairs_dataset)
 from workers.models import load_model
 from workers.train_config import ConfigError, TrainConfig
 from workers.training import run_training
@@ -40,6 +42,13 @@ def test_the_dataset_is_raw_text_with_one_key_value_string_a_row(tmp_path):
     info = inspect_dataset(path)
     assert (info.schema, info.rows) == ("text", 5)
     assert read_pairs(path) == pairs
+
+
+def test_format_only_accuracy_is_what_an_unrelated_uuid_scores():
+    rng = random.Random(7)
+    scores = [char_accuracy(random_uuid(rng), random_uuid(rng)) for _ in range(20_000)]
+    assert statistics.fmean(scores) == pytest.approx(FORMAT_ONLY_CHAR_ACCURACY, abs=0.003)
+    assert FORMAT_ONLY_CHAR_ACCURACY == pytest.approx(0.198, abs=0.001)
 
 
 def test_character_accuracy_and_exact_match_on_hand_checked_examples():
