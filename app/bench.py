@@ -392,7 +392,11 @@ def results_table(store: Store, group: str) -> list[dict[str, Any]]:
 
 def _sweep_entry(rate: float, runs: list[RunRecord], series) -> dict[str, Any]:
     steps = sorted({step for run in runs for step in run.config.get("memorize_eval_steps") or ()})
-    entry: dict[str, Any] = {"learning_rate": rate, "seeds": sorted(run.config["seed"] for run in runs),
+    # Only seeds measured at the last checkpoint count, so a group still running (or a failed run) does not pass
+    # for more evidence than it has.
+    measured = [run.config["seed"] for run in runs
+                if steps and any(p.step == steps[-1] and p.value is not None for p in series[run.id]["char_accuracy"])]
+    entry: dict[str, Any] = {"learning_rate": rate, "seeds": sorted(measured),
                              "runs": [run.id for run in runs], "statuses": [run.status for run in runs]}
     for metric in METRICS:
         values = defaultdict(list)
@@ -413,10 +417,12 @@ def _or_minus(value: Optional[float]) -> float:
     return -math.inf if value is None else value
 
 
-def _cell(stats: Optional[dict[str, float]]) -> str:
+def _cell(stats: Optional[dict[str, float]], seeds: int = 1) -> str:
+    """Mean ± spread; a cell measured on fewer seeds than the table's says how many."""
     if stats is None:
         return "–"
-    return f"{stats['mean']:.1f}" + (f" ± {stats['spread']:.1f}" if stats["n"] > 1 else "")
+    text = f"{stats['mean']:.1f}" + (f" ± {stats['spread']:.1f}" if stats["n"] > 1 else "")
+    return text + (f" (n={stats['n']})" if stats["n"] < seeds else "")
 
 
 def _steps_of(rows: list[dict[str, Any]]) -> list[int]:
@@ -429,16 +435,21 @@ def markdown_table(rows: list[dict[str, Any]], group: str = "") -> str:
     seeds = sorted({seed for row in rows for seed in row["seeds"]})
     header = "| method | learning rate | " + " | ".join(f"step {s}" for s in steps) + " |\n"
     rule = "|---|---|" + "---|" * len(steps) + "\n"
-    lines = [f"### Memorisation{f' — {group}' if group else ''}\n",
-             f"Character accuracy (%) of greedy recall, mean ± standard deviation over {len(seeds)} seed(s) "
-             f"({', '.join(map(str, seeds))}), at each method's best learning rate.\n", header + rule.rstrip()]
+    statuses = [status for row in rows for entry in row["sweep"] for status in entry["statuses"]]
+    unfinished = sum(status not in TERMINAL for status in statuses)
+    lines = [f"### Memorisation{f' — {group}' if group else ''}\n"]
+    if unfinished:
+        lines.append(f"**In progress:** {len(statuses) - unfinished} of {len(statuses)} runs finished; the table "
+                     "fills in as the others do.\n")
+    lines += [f"Character accuracy (%) of greedy recall, mean ± standard deviation over {len(seeds)} seed(s) "
+              f"({', '.join(map(str, seeds))}), at each method's best learning rate.\n", header + rule.rstrip()]
     lines += [f"| {row['label']} | {row['learning_rate']:g} | "
-              + " | ".join(_cell(row["char_accuracy"].get(s)) for s in steps) + " |" for row in rows]
+              + " | ".join(_cell(row["char_accuracy"].get(s), len(seeds)) for s in steps) + " |" for row in rows]
     lines += ["", f"A model that has learnt only the UUID format, none of the values, scores "
                   f"{100 * FORMAT_ONLY_CHAR_ACCURACY:.1f}% (hyphens and version digit right, the other digits by "
                   "chance).", "", "Exact match (%), same runs.", "", header + rule.rstrip()]
     lines += [f"| {row['label']} | {row['learning_rate']:g} | "
-              + " | ".join(_cell(row["exact_match"].get(s)) for s in steps) + " |" for row in rows]
+              + " | ".join(_cell(row["exact_match"].get(s), len(seeds)) for s in steps) + " |" for row in rows]
     lines += ["", "Learning-rate sweep: final character accuracy and exact match (%), the chosen rate in bold.", "",
               "| method | learning rate | seeds | final char accuracy | final exact match |", "|---|---|---|---|---|"]
     for row in rows:

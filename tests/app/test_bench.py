@@ -158,8 +158,21 @@ def test_the_table_takes_each_methods_best_rate_with_mean_and_spread_over_seeds(
     assert f"| full fine-tuning | {by_key['full']['learning_rate']:g} | 50.0 ± 0.0 |" in markdown
     assert "95.0 ± 7.1 |" in markdown and "| MoRA r=8 | 10.1 | 15.7 | 87.4 | 100 |" in markdown
     assert "The best rate is the largest swept for LoRA r=1, MoRA r=1 (rope): a larger one" in markdown
+    assert by_key["lora r=4"]["seeds"] == [0]  # its seed-1 run failed: one seed of evidence, and the table says so
+    assert f"| LoRA r=4 | {by_key['lora r=4']['learning_rate']:g} | 10.0 (n=1) |" in markdown
+    assert "In progress" not in markdown
     with pytest.raises(ValueError, match="no runs"):
         bench.results_table(store, "no such group")
+
+
+def test_a_group_still_running_is_shown_as_such(store, tmp_path):
+    group, preset = _synthetic_group(store, tmp_path)
+    plan = bench.plan_runs(preset, 2, data_dir=tmp_path)[0]
+    store.create_run(plan, name=plan["name"], model="tiny", adapter="full", r=8, variant=None, group_name=group)
+    rows = bench.results_table(store, group)
+    markdown = bench.markdown_table(rows, group)
+    assert "**In progress:** 20 of 21 runs finished" in markdown
+    assert "over 2 seed(s) (0, 1)" in markdown  # the queued seed-2 run has measured nothing yet
 
 
 def test_write_results_writes_the_table_and_the_curves(store, tmp_path):
