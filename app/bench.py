@@ -478,7 +478,6 @@ def results_figure(store: Store, group: str) -> go.Figure:
     """Training loss (left) and character accuracy at the checkpoints (right) of each method at its chosen
     learning rate, averaged over seeds, with the spread as error bars."""
     rows = results_table(store, group)
-    runs = {run.id: run for run in _group_runs(store, group)}
     chosen = {row["method"]: next(e for e in row["sweep"] if e["learning_rate"] == row["learning_rate"])
               for row in rows}
     losses = store.metric_series([rid for entry in chosen.values() for rid in entry["runs"]], ["loss"])
@@ -499,7 +498,7 @@ def results_figure(store: Store, group: str) -> go.Figure:
                                     mode="lines+markers", line={"color": colour, "width": 2}, showlegend=False,
                                     error_y={"type": "data", "array": [c["spread"] for _, c in cells]},
                                     legendgroup=row["method"]), row=1, col=2)
-    seeds = sorted({run.config["seed"] for run in runs.values()})
+    seeds = sorted({seed for row in rows for seed in row["seeds"]})
     figure.update_layout(template="plotly_white", title=f"{group}: memorisation of UUID pairs "
                                                         f"({len(seeds)} seed(s), best learning rate per method)",
                          legend_title_text="method", margin={"l": 60, "r": 20, "t": 70, "b": 50})
