@@ -240,6 +240,20 @@ def plan_runs(preset: Union[str, Preset], seed: int, ablation: bool = False,
     return plans
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds`: "3" is seeds 0, 1, 2; "1,2" is those seeds (to add seeds to a benchmark already run)."""
+    try:
+        if "," in text:
+            seeds = [int(part) for part in text.split(",") if part.strip()]
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        raise ValueError(f"seeds: expected a count (3) or a comma-separated list (1,2), got {text!r}") from None
+    if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: need at least one seed, none negative or repeated, got {text!r}")
+    return seeds
+
+
 def _seed_list(seeds: Union[int, Iterable[int]]) -> list[int]:
     listed = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not listed:
@@ -354,10 +368,21 @@ def _stats(values: Sequence[float]) -> Optional[dict[str, float]]:
     return {"mean": statistics.fmean(percent), "spread": spread, "n": len(percent)}
 
 
-def _group_runs(store: Store, group: str) -> list[RunRecord]:
-    runs = store.list_runs(group_name=group)
-    if not runs:
-        raise ValueError(f"no runs in group {group!r}")
+Groups = Union[str, Sequence[str]]
+"""One benchmark group, or several read as one table (a sweep extended with more rates or seeds later)."""
+
+
+def group_title(groups: Groups) -> str:
+    return groups if isinstance(groups, str) else " + ".join(groups)
+
+
+def _group_runs(store: Store, groups: Groups) -> list[RunRecord]:
+    runs = []
+    for group in [groups] if isinstance(groups, str) else groups:
+        found = store.list_runs(group_name=group)
+        if not found:
+            raise ValueError(f"no runs in group {group!r}")
+        runs += found
     return sorted(runs, key=lambda run: (_method_order(run.config), run.config["learning_rate"],
                                          run.config["seed"]))
 
@@ -368,10 +393,11 @@ def _final(entry: dict[str, Any], metric: str = "char_accuracy") -> Optional[flo
     return final["mean"] if final else None
 
 
-def results_table(store: Store, group: str) -> list[dict[str, Any]]:
+def results_table(store: Store, group: Groups) -> list[dict[str, Any]]:
     """One row per method, like the paper's Table 2: character accuracy (%) at each checkpoint step, mean and spread
-    over seeds, at the learning rate with the best final character accuracy (ties: the best mean over the
-    checkpoints, then the lower rate). Each row also carries exact match and the whole sweep."""
+    over seeds, at the learning rate with the best final character accuracy among the rates tried on the most seeds
+    (a rate tried on one seed only, to extend the sweep, does not beat one averaged over three; ties: the best mean
+    over the checkpoints, then the lower rate). Each row also carries exact match and the whole sweep."""
     runs = _group_runs(store, group)
     series = store.metric_series([run.id for run in runs], METRICS)
     by_method: dict[str, dict[float, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
@@ -381,7 +407,8 @@ def results_table(store: Store, group: str) -> list[dict[str, Any]]:
     rows = []
     for key, by_rate in by_method.items():
         sweep = [_sweep_entry(rate, rate_runs, series) for rate, rate_runs in sorted(by_rate.items())]
-        best = max(sweep, key=lambda e: (_or_minus(_final(e)), _or_minus(_mean_over_steps(e)), -e["learning_rate"]))
+        best = max(sweep, key=lambda e: (len(e["runs"]), _or_minus(_final(e)), _or_minus(_mean_over_steps(e)),
+                                         -e["learning_rate"]))
         config = by_rate[best["learning_rate"]][0].config
         rows.append({"method": key, "label": method_label(config["adapter"], config["r"], config.get("variant")),
                      "adapter": config["adapter"], "r": config["r"], "variant": config.get("variant"),
@@ -429,7 +456,7 @@ def _steps_of(rows: list[dict[str, Any]]) -> list[int]:
     return sorted({step for row in rows for step in row["char_accuracy"]})
 
 
-def markdown_table(rows: list[dict[str, Any]], group: str = "") -> str:
+def markdown_table(rows: list[dict[str, Any]], group: Groups = "") -> str:
     """The table (character accuracy, then exact match, in %), the sweep behind it, and the paper's Table 2."""
     steps = _steps_of(rows)
     seeds = sorted({seed for row in rows for seed in row["seeds"]})
@@ -437,7 +464,7 @@ def markdown_table(rows: list[dict[str, Any]], group: str = "") -> str:
     rule = "|---|---|" + "---|" * len(steps) + "\n"
     statuses = [status for row in rows for entry in row["sweep"] for status in entry["statuses"]]
     unfinished = sum(status not in TERMINAL for status in statuses)
-    lines = [f"### Memorisation{f' — {group}' if group else ''}\n"]
+    lines = [f"### Memorisation{f' — {group_title(group)}' if group else ''}\n"]
     if unfinished:
         lines.append(f"**In progress:** {len(statuses) - unfinished} of {len(statuses)} runs finished; the table "
                      "fills in as the others do.\n")
@@ -474,7 +501,7 @@ def markdown_table(rows: list[dict[str, Any]], group: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_figure(store: Store, group: str) -> go.Figure:
+def results_figure(store: Store, group: Groups) -> go.Figure:
     """Training loss (left) and character accuracy at the checkpoints (right) of each method at its chosen
     learning rate, averaged over seeds, with the spread as error bars."""
     rows = results_table(store, group)
@@ -499,7 +526,7 @@ def results_figure(store: Store, group: str) -> go.Figure:
                                     error_y={"type": "data", "array": [c["spread"] for _, c in cells]},
                                     legendgroup=row["method"]), row=1, col=2)
     seeds = sorted({seed for row in rows for seed in row["seeds"]})
-    figure.update_layout(template="plotly_white", title=f"{group}: memorisation of UUID pairs "
+    figure.update_layout(template="plotly_white", title=f"{group_title(group)}: memorisation of UUID pairs "
                                                         f"({len(seeds)} seed(s), best learning rate per method)",
                          legend_title_text="method", margin={"l": 60, "r": 20, "t": 70, "b": 50})
     figure.update_xaxes(title_text="step")
@@ -520,7 +547,7 @@ class ResultFiles:
     """What could not be written, and why (the PNG needs a Chrome or Chromium for kaleido)."""
 
 
-def write_results(store: Store, group: str, folder: Union[str, Path]) -> ResultFiles:
+def write_results(store: Store, group: Groups, folder: Union[str, Path]) -> ResultFiles:
     """results.json (the table with every sweep entry and run id), results.md, curves.html (self-contained, works
     offline) and curves.png in `folder`."""
     folder = Path(folder)
@@ -529,7 +556,8 @@ def write_results(store: Store, group: str, folder: Union[str, Path]) -> ResultF
     runs = _group_runs(store, group)
     files = ResultFiles(json=folder / "results.json", markdown=folder / "results.md", html=folder / "curves.html",
                         png=folder / "curves.png")
-    summary = {"group": group, "written": datetime.now().isoformat(timespec="seconds"), "metric_unit": "percent",
+    summary = {"group": group_title(group), "groups": [group] if isinstance(group, str) else list(group),
+               "written": datetime.now().isoformat(timespec="seconds"), "metric_unit": "percent",
                "steps": _steps_of(rows), "runs": {run.id: {"name": run.name, "status": run.status,
                                                            "run_dir": run.run_dir} for run in runs},
                "rows": rows}
@@ -545,5 +573,5 @@ def write_results(store: Store, group: str, folder: Union[str, Path]) -> ResultF
     return files
 
 
-def default_output_dir(group: str) -> Path:
-    return settings.data_dir() / "bench" / re.sub(r"[^A-Za-z0-9._-]+", "-", group)
+def default_output_dir(group: Groups) -> Path:
+    return settings.data_dir() / "bench" / re.sub(r"[^A-Za-z0-9._-]+", "-", group_title(group))

@@ -71,7 +71,9 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
                     "Redis) and this command waits for them; --local trains them here, one after another.")
     memorize.add_argument("--preset", default="cpu", help="cpu (SmolLM2-135M, about 33 min a seed on 2 cores) or "
                                                           "gpu (about 10 min a seed on one large GPU); default: cpu")
-    memorize.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each with its own pairs (default: 3)")
+    memorize.add_argument("--seeds", default="3",
+                          help="N for seeds 0..N-1, each with its own pairs, or a list such as 1,2 to add seeds to a "
+                               "benchmark already run (default: 3)")
     memorize.add_argument("--ablation", action="store_true",
                           help="the paper's Table 4 instead: MoRA's variants (truncation, sharing, decouple, rope) "
                                "at the small budget")
@@ -82,7 +84,9 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     memorize.add_argument("--out", type=Path, default=None, help="results folder (default: $MORA_DATA_DIR/bench/GROUP)")
     results = experiments.add_parser("results",
                                      help="write the results of a benchmark group again (after it finished)")
-    results.add_argument("group", help="the group name that `bench memorize` printed")
+    results.add_argument("groups", nargs="+", metavar="GROUP",
+                         help="the group name that `bench memorize` printed; several are read as one table (a sweep "
+                              "extended later with --lr-factors or more --seeds)")
     results.add_argument("--out", type=Path, default=None, help="results folder (default: $MORA_DATA_DIR/bench/GROUP)")
 
 

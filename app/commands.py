@@ -137,29 +137,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from storage.repo import Store
 
     if args.experiment == "results":
-        return _write_bench_results(Store(), args.group, args.out)
+        return _write_bench_results(Store(), args.groups, args.out)
     try:
         preset = bench.get_preset(args.preset)
         if args.lr_factors:
             preset = bench.with_lr_factors(preset, args.lr_factors)
+        seeds = bench.parse_seeds(args.seeds)
     except ValueError as error:
         print(f"mora-studio bench: {error}", file=sys.stderr)
-        return 2
-    if args.seeds < 1:
-        print(f"mora-studio bench: --seeds must be at least 1, got {args.seeds}", file=sys.stderr)
         return 2
     store = Store()
     what = "ablation (Table 4)" if args.ablation else "memorisation (Table 2)"
     print(f"{what}, preset {preset.name}: {preset.description} Learning-rate factors: "
           f"{', '.join(f'{f:g}' for f in preset.lr_factors)}.")
     if args.local:
-        group = bench.run_local(store, preset, args.seeds, ablation=args.ablation, on_event=_print_bench_event)
+        group = bench.run_local(store, preset, seeds, ablation=args.ablation, on_event=_print_bench_event)
     else:
         problem = _train_workers_problem()
         if problem:
             print(f"mora-studio bench: {problem}", file=sys.stderr)
             return 2
-        group = bench.submit_benchmark(_service(), preset, args.seeds, ablation=args.ablation)
+        group = bench.submit_benchmark(_service(), preset, seeds, ablation=args.ablation)
         print(f"queued group {group}; waiting for it (Ctrl-C stops waiting, not the runs: write the results later "
               f"with `mora-studio bench results {group}`)")
         bench.wait_for_group(store, group)
@@ -192,9 +190,12 @@ def _print_bench_event(run, event: dict) -> None:
         print(f"{run.name}: {event['status']} {event.get('message', '')}".rstrip())
 
 
-def _write_bench_results(store, group: str, out) -> int:
+def _write_bench_results(store, group, out) -> int:
+    """`group`: one group's name, or a list of names read as one table."""
     from app import bench
 
+    if not isinstance(group, str) and len(group) == 1:
+        group = group[0]
     try:
         files = bench.write_results(store, group, out or bench.default_output_dir(group))
     except ValueError as error:

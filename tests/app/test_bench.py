@@ -251,3 +251,44 @@ def test_bench_memorize_refuses_a_bad_sweep(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MORA_DATA_DIR", str(tmp_path / "data"))
     assert main(["bench", "memorize", "--lr-factors", "0", "--local"]) == 2
     assert "learning-rate factors must be positive numbers, got 0.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, seeds", [("3", [0, 1, 2]), ("1", [0]), ("1,2", [1, 2]), ("4,", [4])])
+def test_seeds_are_a_count_or_a_list(text, seeds):
+    assert bench.parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "a", "1,1", "2,-3", ","])
+def test_bad_seeds_are_refused_with_the_reason(text, tmp_path, monkeypatch, capsys):
+    with pytest.raises(ValueError, match="seeds"):
+        bench.parse_seeds(text)
+    monkeypatch.setenv("MORA_DATA_DIR", str(tmp_path / "data"))
+    assert main(["bench", "memorize", "--seeds", text, "--local"]) == 2
+    assert "mora-studio bench: seeds:" in capsys.readouterr().err
+
+
+def test_groups_extending_a_sweep_read_as_one_table(store, tmp_path):
+    """A sweep extended later (a larger rate on one seed, in its own group) joins the table, but a rate tried on one
+    seed does not displace one averaged over every seed, however well it scored."""
+    group, preset = _synthetic_group(store, tmp_path)
+    extension = "synthetic-extension"
+    plan = next(p for p in bench.plan_runs(bench.with_lr_factors(preset, [8.0]), 0, data_dir=tmp_path)
+                if p["adapter"] == "lora" and p["r"] == 1)
+    run = store.create_run(plan, name=plan["name"], model="tiny", adapter="lora", r=1, variant=None,
+                           group_name=extension)
+    store.add_metric_points(run.id, [{"name": metric, "step": step, "value": 0.99}
+                                     for step in preset.checkpoints for metric in bench.METRICS])
+    store.set_status(run.id, "running")
+    store.set_status(run.id, "succeeded")
+    alone = {row["method"]: row for row in bench.results_table(store, group)}
+    rows = bench.results_table(store, [group, extension])
+    merged = {row["method"]: row for row in rows}
+    assert [e["learning_rate"] for e in merged["lora r=1"]["sweep"]][-1] == plan["learning_rate"]
+    assert len(merged["lora r=1"]["sweep"]) == len(alone["lora r=1"]["sweep"]) + 1
+    assert merged["lora r=1"]["learning_rate"] == alone["lora r=1"]["learning_rate"]
+    assert f"— {group} + {extension}" in bench.markdown_table(rows, [group, extension])
+    files = bench.write_results(store, [group, extension], tmp_path / "merged")
+    summary = json.loads(files.json.read_text())
+    assert summary["groups"] == [group, extension] and run.id in summary["runs"]
+    with pytest.raises(ValueError, match="no runs in group 'nope'"):
+        bench.results_table(store, [group, "nope"])
