@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from datetime import datetime, timezone
 from typing import Any, Iterable
 
 import redis
@@ -132,9 +133,12 @@ class Collector:
 
     def _apply_status(self, run_id: str, event: dict[str, Any]) -> None:
         status = event["status"]
+        # The event's own time, not now: a collector catching up after a restart, or a local run stored after it
+        # ended, must not squash a run's duration to the moment it was read.
+        at = datetime.fromtimestamp(event["time"], timezone.utc) if event.get("time") is not None else None
         try:
             self.store.set_status(run_id, status, message=event.get("message", ""), worker=event.get("worker") or None,
-                                  error=event.get("message") if status == "failed" else None)
+                                  error=event.get("message") if status == "failed" else None, at=at)
         except InvalidTransition:
             pass  # a replayed or late event cannot move a finished run
 
