@@ -134,12 +134,12 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu",
         description=(
-            "SmolLM2-135M on two CPU cores, about 33 minutes a seed. 16 pairs, batch 4, 45 steps (checkpoints 15, "
+            "SmolLM2-135M on two CPU cores, about 20 minutes a seed. 16 pairs, batch 4, 45 steps (checkpoints 15, "
             "25, 35, 45: about 11 passes over the pairs, as 900 steps at batch 128 over 10k pairs would be), "
-            "max_length 80 (a pair is 61-72 tokens with its end-of-text token). Measured on 2 cores, whole runs "
-            "including model load, four recalls of the 16 pairs (15-20 s each) and the save: LoRA r=1 185 s "
-            "(2.6 s a step), MoRA r=1 rope 219 s (3.0 s a step), full fine-tuning 222 s (3.8 s a step); "
-            "10 runs (5 methods x 2 learning rates) take about 33 minutes."),
+            "max_length 80 (a pair is 61-72 tokens with its end-of-text token). 10 runs a seed (5 methods x 2 "
+            "learning rates). Measured on 2 quiet cores, medians of whole runs including model load, four recalls "
+            "of the 16 pairs and the save: LoRA r=1 96 s, MoRA r=1 rope 115 s, LoRA r=32 109 s, MoRA r=32 "
+            "sharing 108 s, full fine-tuning 126 s; 3 seeds (30 runs) took 59 minutes."),
         model=None, width=576, pairs=16, steps=45, batch_size=4, max_length=80, lr_factors=(0.5, 2.0)),
     "gpu": Preset(
         name="gpu",

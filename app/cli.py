@@ -69,7 +69,7 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
                     "four checkpoints; write the table (JSON, Markdown) and curves (HTML, PNG). By default the runs "
                     "go through the studio's queue (start it first with `mora-studio up`, REDIS_URL pointing at its "
                     "Redis) and this command waits for them; --local trains them here, one after another.")
-    memorize.add_argument("--preset", default="cpu", help="cpu (SmolLM2-135M, about 33 min a seed on 2 cores) or "
+    memorize.add_argument("--preset", default="cpu", help="cpu (SmolLM2-135M, about 20 min a seed on 2 cores) or "
                                                           "gpu (about 10 min a seed on one large GPU); default: cpu")
     memorize.add_argument("--seeds", default="3",
                           help="N for seeds 0..N-1, each with its own pairs, or a list such as 1,2 to add seeds to a "
