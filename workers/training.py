@@ -11,6 +11,7 @@ fine-tuning and ReMoRA (whose update lives in the base weights), `model/` (a tra
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import time
 import uuid
@@ -28,6 +29,8 @@ from workers.events import EventPublisher, EventSink, JsonlSink
 from workers.memorize import evaluate_pairs, read_pairs
 from workers.models import load_model, resolve_model
 from workers.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "adapter"
 CHECKPOINTS = "checkpoints"
@@ -196,8 +199,22 @@ class StudioTrainer(Trainer):
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    checkpoints = sorted((Path(run_dir) / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return checkpoints[-1] if checkpoints else None
+    """The newest complete checkpoint. A worker killed while saving leaves a checkpoint without its
+    trainer_state.json (Trainer writes it last), and resuming from that one would fail; the one before is whole."""
+    candidates = [p for p in (Path(run_dir) / CHECKPOINTS).glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    for checkpoint in sorted(candidates, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        if _is_complete(checkpoint):
+            return checkpoint
+        log.warning("skipping %s: it was not finished (no readable trainer_state.json)", checkpoint)
+    return None
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _training_arguments(config: TrainConfig, run_dir: Path, has_eval: bool, dtype: torch.dtype) -> TrainingArguments:

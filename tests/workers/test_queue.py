@@ -117,7 +117,9 @@ def test_sigkill_worker_mid_run_marks_it_lost_then_resume_completes(world, tmp_p
     resumed = service.resume(run.id)
     assert resumed.parent_id == run.id
     world.start_worker()  # the resumed run continues from the parent's last checkpoint (a multiple of 5)
-    wait_for(lambda: _worker_steps(world.store.get_run(resumed.id)), 120, "the resumed run's first step")
+    wait_for(lambda: _worker_steps(world.store.get_run(resumed.id)) or _status(world, resumed.id) in TERMINAL, 120,
+             "the resumed run's first step")
+    assert _worker_steps(world.store.get_run(resumed.id)), world.store.get_run(resumed.id).status_message
     first_step = _worker_steps(world.store.get_run(resumed.id))[0]["step"]
     assert first_step % 5 == 1 and first_step > 5
     service.cancel(resumed.id)

@@ -113,6 +113,20 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
         assert loss == pytest.approx(uninterrupted[step], abs=1e-4), (step, loss, uninterrupted[step])
 
 
+def test_resume_skips_a_checkpoint_left_half_written_by_a_killed_worker(tmp_path):
+    """Trainer writes trainer_state.json last: a checkpoint without it (or with it torn) was cut off mid-save."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step, state in ((5, "{}"), (10, '{"global_step": 10}'), (15, None), (20, '{"global_st')):
+        folder = checkpoints / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    (checkpoints / "checkpoint-tmp").mkdir()
+    assert latest_checkpoint(tmp_path / "run") == checkpoints / "checkpoint-10"
+    assert latest_checkpoint(tmp_path / "nothing") is None
+
+
 def test_cancel_stops_cleanly_and_leaves_a_usable_adapter(tmp_path, tiny_model_dir):
     data = write_dataset(tmp_path, "chat")
     calls = {"n": 0}
