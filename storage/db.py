@@ -11,6 +11,8 @@ alembic.ini is needed on disk, so an installed package migrates its own database
 """
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -26,9 +28,13 @@ WRITE = {"storage_write": True}
 
 # synchronous=NORMAL is SQLite's advice for WAL: no fsync per commit, still never corrupt; a power cut may lose the
 # last commits, which the collector writes again when it replays the streams (every write it makes is idempotent).
-# busy_timeout comes first, so that switching a new file to WAL waits for another connection instead of failing.
+# busy_timeout comes first, so that the pragmas after it wait for another connection instead of failing (the WAL
+# switch still can fail at once, so it is retried: see _WAL_SWITCH_TRIES).
 _SQLITE_PRAGMAS = ("PRAGMA busy_timeout=5000", "PRAGMA journal_mode=WAL", "PRAGMA foreign_keys=ON",
                    "PRAGMA synchronous=NORMAL")
+_WAL_SWITCH_TRIES = 100
+"""Switching a new file to WAL needs it alone, and SQLite answers "database is locked" at once (no busy wait) when
+other connections opening the same new file at that moment hold it: the switch is retried for up to about 5 s."""
 # Any constant shared by every process; it serialises two stores migrating the same PostgreSQL database at once.
 _MIGRATION_LOCK_KEY = 0x6D6F7261
 
@@ -51,13 +57,24 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         for pragma in _SQLITE_PRAGMAS:
-            cursor.execute(pragma)
+            _execute_pragma(cursor, pragma)
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def on_begin(connection) -> None:
         writes = connection.get_execution_options().get("storage_write", False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+
+def _execute_pragma(cursor, pragma: str) -> None:
+    for attempt in range(_WAL_SWITCH_TRIES):
+        try:
+            cursor.execute(pragma)
+            return
+        except sqlite3.OperationalError as error:
+            if "journal_mode" not in pragma or "locked" not in str(error) or attempt == _WAL_SWITCH_TRIES - 1:
+                raise
+            time.sleep(0.05)
 
 
 def alembic_config(url: Optional[str] = None) -> Config:
