@@ -38,7 +38,7 @@ from plotly.subplots import make_subplots
 from app import settings
 from app.charts import PALETTE
 from storage.records import RunRecord
-from storage.repo import Store
+from storage.repo import TERMINAL_STATUSES, Store
 from workers.memorize import FORMAT_ONLY_CHAR_ACCURACY, make_uuid_pairs, write_pairs_dataset
 from workers.train_config import TrainConfig
 
@@ -57,7 +57,6 @@ ABLATION = ("truncation", "sharing", "decouple", "rope")
 """The paper's Table 4: MoRA's compression variants, compared at the small budget."""
 METRICS = ("char_accuracy", "exact_match")
 TAGS = ("bench", "memorize")
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,6 @@ class Preset:
     batch_size: int
     max_length: int
     lr_factors: tuple[float, ...]
-    hidden: bool = False
 
     @property
     def checkpoints(self) -> tuple[int, ...]:
@@ -153,8 +151,7 @@ PRESETS: dict[str, Preset] = {
 _HIDDEN_PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny", description="The tests' tiny random Llama ('tiny-llama' in MORA_MODELS_DIR): a few seconds.",
-        model="tiny-llama", width=64, pairs=4, steps=9, batch_size=2, max_length=96, lr_factors=(1.0,),
-        hidden=True),
+        model="tiny-llama", width=64, pairs=4, steps=9, batch_size=2, max_length=96, lr_factors=(1.0,)),
 }
 
 
@@ -333,7 +330,7 @@ def group_progress(store: Store, group: str) -> dict[str, Any]:
     for run in runs:
         by_status[run.status] += 1
     running = [f"{run.name}: step {run.step}/{run.max_steps or '?'}" for run in runs if run.status == "running"]
-    done = sum(by_status.get(status, 0) for status in TERMINAL)
+    done = sum(by_status.get(status, 0) for status in TERMINAL_STATUSES)
     return {"total": len(runs), "done": done, "by_status": dict(by_status), "running": running,
             "finished": bool(runs) and done == len(runs)}
 
@@ -463,7 +460,7 @@ def markdown_table(rows: list[dict[str, Any]], group: Groups = "") -> str:
     header = "| method | learning rate | " + " | ".join(f"step {s}" for s in steps) + " |\n"
     rule = "|---|---|" + "---|" * len(steps) + "\n"
     statuses = [status for row in rows for entry in row["sweep"] for status in entry["statuses"]]
-    unfinished = sum(status not in TERMINAL for status in statuses)
+    unfinished = sum(status not in TERMINAL_STATUSES for status in statuses)
     lines = [f"### Memorisation{f' — {group_title(group)}' if group else ''}\n"]
     if unfinished:
         lines.append(f"**In progress:** {len(statuses) - unfinished} of {len(statuses)} runs finished; the table "
@@ -501,10 +498,9 @@ def markdown_table(rows: list[dict[str, Any]], group: Groups = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_figure(store: Store, group: Groups) -> go.Figure:
+def results_figure(store: Store, rows: list[dict[str, Any]], group: Groups) -> go.Figure:
     """Training loss (left) and character accuracy at the checkpoints (right) of each method at its chosen
-    learning rate, averaged over seeds, with the spread as error bars."""
-    rows = results_table(store, group)
+    learning rate, averaged over seeds, with the spread as error bars. `rows` is `results_table(store, group)`."""
     chosen = {row["method"]: next(e for e in row["sweep"] if e["learning_rate"] == row["learning_rate"])
               for row in rows}
     losses = store.metric_series([rid for entry in chosen.values() for rid in entry["runs"]], ["loss"])
@@ -563,7 +559,7 @@ def write_results(store: Store, group: Groups, folder: Union[str, Path]) -> Resu
                "rows": rows}
     files.json.write_text(json.dumps(summary, indent=2) + "\n")
     files.markdown.write_text(markdown_table(rows, group))
-    figure = results_figure(store, group)
+    figure = results_figure(store, rows, group)
     figure.write_html(files.html, include_plotlyjs=True)
     try:
         figure.write_image(files.png, width=1400, height=550)

@@ -301,7 +301,7 @@ def runs_tab(service: StudioService) -> dict[str, Any]:
             return "Launch the set from the Train tab first.", None
         try:
             rows = bench.results_table(service.store, group)
-            return bench.markdown_table(rows, group), bench.results_figure(service.store, group)
+            return bench.markdown_table(rows, group), bench.results_figure(service.store, rows, group)
         except FRIENDLY_ERRORS as error:
             return f"⚠️ {error}", None
 

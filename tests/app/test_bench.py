@@ -185,7 +185,7 @@ def test_write_results_writes_the_table_and_the_curves(store, tmp_path):
     assert files.markdown.read_text().startswith("### Memorisation — synthetic")
     assert "plotly" in files.html.read_text()[:100_000].lower()
     assert files.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    figure = bench.results_figure(store, group)
+    figure = bench.results_figure(store, bench.results_table(store, group), group)
     assert len(figure.data) == 10  # a loss curve and an accuracy curve per method
 
 

@@ -2,7 +2,7 @@
 whole memorisation set from the Train tab (the tiny preset, offered because its model is installed), let the queue
 run it, and read its Table-2-shaped results and curves in the Runs tab."""
 from app import bench
-from storage.repo import Store
+from storage.repo import TERMINAL_STATUSES, Store
 from tests.e2e.browser import open_page, shot
 from tests.workers.queue_harness import wait_for
 
@@ -26,7 +26,7 @@ def test_the_paper_preset_runs_as_one_group_and_shows_its_table(studio):
         assert group in message and group.startswith("memorize-tiny-")
         runs = store.list_runs(group_name=group)
         assert len(runs) == 5  # full fine-tuning, LoRA and MoRA at two budgets, one rate, one seed
-        wait_for(lambda: all(r.status in bench.TERMINAL for r in store.list_runs(group_name=group)), 300,
+        wait_for(lambda: all(r.status in TERMINAL_STATUSES for r in store.list_runs(group_name=group)), 300,
                  "the group to finish", every=1.0)
         assert {r.status for r in store.list_runs(group_name=group)} == {"succeeded"}
 

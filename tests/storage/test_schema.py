@@ -64,45 +64,36 @@ def test_reopening_keeps_data(store_url):
         assert second.get_run(run_id).name == "kept"
 
 
-def test_many_new_sqlite_files_opened_by_four_stores_at_once_never_report_locked(tmp_path):
-    """Switching a new file to WAL fails at once with "database is locked" while another connection holds the file
-    (SQLite does not wait there); one such race in 60 new files was common before the switch was retried."""
-    for index in range(40):
-        url = f"sqlite:///{tmp_path / str(index) / 'studio.db'}"
-        errors = []
-
-        def open_and_write(writer):
-            try:
-                with Store(url) as store:
-                    store.create_run({}, name=f"opened by {writer}", model="m", adapter="lora", r=4)
-            except Exception as error:  # reported below
-                errors.append(error)
-
-        threads = [threading.Thread(target=open_and_write, args=(writer,), daemon=True) for writer in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert errors == [], f"file {index}: {errors}"
-
-
-def test_two_stores_opening_a_new_database_at_once_migrate_it_once(store_url):
+def _four_stores_open_and_write_at_once(url: str) -> list[Exception]:
+    """Four threads each open a Store on `url` and write one run; the errors they met. None may stay stuck."""
     errors = []
 
-    def open_and_write(index):
+    def open_and_write(writer):
         try:
-            with Store(store_url) as store:
-                store.create_run({}, name=f"opened by {index}", model="m", adapter="lora", r=4)
-        except Exception as error:  # reported below
+            with Store(url) as store:
+                store.create_run({}, name=f"opened by {writer}", model="m", adapter="lora", r=4)
+        except Exception as error:  # reported by the caller
             errors.append(error)
 
-    threads = [threading.Thread(target=open_and_write, args=(index,), daemon=True) for index in range(4)]
+    threads = [threading.Thread(target=open_and_write, args=(writer,), daemon=True) for writer in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
     assert not any(thread.is_alive() for thread in threads), "a writer is stuck"
-    assert errors == []
+    return errors
+
+
+def test_many_new_sqlite_files_opened_by_four_stores_at_once_never_report_locked(tmp_path):
+    """Switching a new file to WAL fails at once with "database is locked" while another connection holds the file
+    (SQLite does not wait there); one such race in 60 new files was common before the switch was retried."""
+    for index in range(40):
+        errors = _four_stores_open_and_write_at_once(f"sqlite:///{tmp_path / str(index) / 'studio.db'}")
+        assert errors == [], f"file {index}: {errors}"
+
+
+def test_two_stores_opening_a_new_database_at_once_migrate_it_once(store_url):
+    assert _four_stores_open_and_write_at_once(store_url) == []
     with Store(store_url) as store:
         assert len(store.list_runs()) == 4
 
