@@ -77,6 +77,25 @@ class MetricPointRecord:
 
 
 @dataclass(frozen=True)
+class SampledPointRecord:
+    """One bucket of a sampled curve (`Store.sampled_series`): its last point, and the range of values in it."""
+
+    run_id: str
+    name: str
+    step: int
+    """The bucket's last step; value, epoch, tokens and time are that point's."""
+    value: Optional[float]
+    epoch: Optional[float]
+    tokens: Optional[int]
+    time: Optional[float]
+    low: Optional[float]
+    """The smallest value in the bucket (None if every value in it was a gap)."""
+    high: Optional[float]
+    count: int
+    """How many stored points the bucket stands for (1 when the series came back whole)."""
+
+
+@dataclass(frozen=True)
 class LogLineRecord:
     run_id: str
     seq: int

@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session
 
-from storage import settings
+from storage import sampling, settings
 from storage.db import WRITE, create_store_engine, migrate
 from storage.models import (
     ARTIFACT_KINDS,
@@ -48,6 +48,7 @@ from storage.records import (
     LogLineRecord,
     MetricPointRecord,
     RunRecord,
+    SampledPointRecord,
     VoteCounts,
     VoteRecord,
 )
@@ -478,6 +479,40 @@ class Store:
             for point in session.scalars(query):
                 series[point.run_id].setdefault(point.name, []).append(_record(MetricPointRecord, point))
         return series
+
+    def sampled_series(self, run_ids: Iterable[str], names: Optional[Iterable[str]] = None,
+                       buckets: int = sampling.DEFAULT_BUCKETS, step_range: Optional[tuple[int, int]] = None
+                       ) -> dict[str, dict[str, list[SampledPointRecord]]]:
+        """Like `metric_series`, but at most `buckets` points a series, chosen in the query (see `storage.sampling`):
+        what a chart draws, whatever a run logged. `step_range` (first, last) samples only that range, for a zoom."""
+        run_ids = list(dict.fromkeys(_strings("run_ids", run_ids)))
+        wanted = None if names is None else list(dict.fromkeys(_strings("names", names)))
+        sampling.check_buckets(buckets)
+        if step_range is not None:
+            step_range = (_integer("step_range", step_range[0], -1), _integer("step_range", step_range[1], -1))
+        series: dict[str, dict[str, list[SampledPointRecord]]] = {
+            run_id: {name: [] for name in wanted or ()} for run_id in run_ids}
+        if not run_ids or wanted == []:
+            return series
+        with self._unit() as session:
+            for row in session.execute(sampling.sampled_query(run_ids, wanted, buckets, step_range)):
+                series[row.run_id].setdefault(row.name, []).append(SampledPointRecord(
+                    run_id=row.run_id, name=row.name, step=row.step, value=row.value, epoch=row.epoch,
+                    tokens=row.tokens, time=row.time, low=row.low, high=row.high, count=row.count))
+        return series
+
+    def latest_point_ids(self, run_ids: Iterable[str]) -> dict[str, int]:
+        """The id of each run's newest stored point (0 for none): ids only grow, so a chart whose runs' ids are
+        unchanged since its last draw has nothing new to draw, and this index-only read is all a quiet tick costs."""
+        run_ids = list(dict.fromkeys(_strings("run_ids", run_ids)))
+        latest = dict.fromkeys(run_ids, 0)
+        if not run_ids:
+            return latest
+        query = (select(MetricPoint.run_id, func.max(MetricPoint.id)).where(MetricPoint.run_id.in_(run_ids))
+                 .group_by(MetricPoint.run_id))
+        with self._unit() as session:
+            latest.update({run_id: newest for run_id, newest in session.execute(query)})
+        return latest
 
     def metric_count(self, run_id: str, name: Optional[str] = None) -> int:
         query = select(func.count()).select_from(MetricPoint).where(MetricPoint.run_id == run_id)
