@@ -58,7 +58,8 @@ def loss_figure(series: Series, labels: Mapping[str, str], x_axis: str = "step",
                 log_scale: bool = False, show_eval: bool = True) -> go.Figure:
     """Train loss (solid) and eval loss (dashed, with markers) of every run in `series`, overlaid, one colour a run.
 
-    `series` is what `Store.metric_series` returns. x is the step, the epoch or the tokens seen; a point without that
+    `series` is what `Store.metric_series` or `Store.sampled_series` returns; sampled buckets that stand for several
+    points also get their min–max band. x is the step, the epoch or the tokens seen; a point without that
     value is left out, except that an eval point borrows it from the train point at the same step (the worker
     reports tokens seen with train steps only). With `smoothing` the train curve is the debiased EMA and the raw
     curve stays faint behind it, in the same legend group; eval points are sparse and never smoothed.
@@ -74,6 +75,7 @@ def loss_figure(series: Series, labels: Mapping[str, str], x_axis: str = "step",
         x_by_step = {point.step: getattr(point, x_axis) for point in train if getattr(point, x_axis) is not None}
         xs, ys = _xy(train, x_axis, x_by_step)
         if xs:
+            _add_band(figure, train, x_axis, x_by_step, run_id, label, colour)
             if smoothing:
                 figure.add_trace(go.Scatter(
                     x=xs, y=ys, name=f"{label} train (raw)", mode="lines", legendgroup=run_id, showlegend=False,
@@ -145,6 +147,33 @@ def _xy(points: Iterable[MetricPointRecord], x_axis: str, x_by_step: Mapping[int
             xs.append(x)
             ys.append(point.value)
     return xs, ys
+
+
+def _add_band(figure: go.Figure, points: Sequence, x_axis: str, x_by_step: Mapping[int, float], run_id: str,
+              label: str, colour: str) -> None:
+    """The min–max range of each sampled bucket (`Store.sampled_series`) as a faint band behind the line, so a spike
+    that the bucket's last point hides still shows. Nothing is drawn for whole series (every bucket one point)."""
+    if not any(getattr(point, "count", 1) > 1 for point in points):
+        return
+    xs, lows, highs = [], [], []
+    for point in points:
+        x = getattr(point, x_axis)
+        x = x_by_step.get(point.step) if x is None else x
+        if x is not None:
+            xs.append(x)
+            lows.append(point.low)
+            highs.append(point.high)
+    common = {"x": xs, "mode": "lines", "legendgroup": run_id, "showlegend": False, "hoverinfo": "skip",
+              "line": {"width": 0, "color": colour}}
+    figure.add_trace(go.Scatter(y=highs, name=f"{label} train (max)", **common))
+    figure.add_trace(go.Scatter(y=lows, name=f"{label} train (min)", fill="tonexty", fillcolor=_faint(colour),
+                                **common))
+
+
+def _faint(colour: str) -> str:
+    """A '#rrggbb' colour at the raw-curve opacity, as rgba: a fill takes no opacity of its own."""
+    red, green, blue = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({red}, {green}, {blue}, {RAW_OPACITY})"
 
 
 def _annotate(figure: go.Figure, text: str) -> None:

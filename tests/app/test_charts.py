@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from app.charts import effective_rank_figure, loss_figure, short_layer_name, smooth
-from storage.records import ArtifactRecord, MetricPointRecord
+from storage.records import ArtifactRecord, MetricPointRecord, SampledPointRecord
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -69,6 +69,33 @@ def test_smooth_with_weight_zero_is_identity_and_weight_one_is_refused():
 
 
 # -- loss figure --------------------------------------------------------------------------------------------------
+
+
+def sampled(run_id, buckets):
+    """Sampled buckets (step, last value, low, high, count) as `Store.sampled_series` returns them."""
+    return [SampledPointRecord(run_id=run_id, name="loss", step=step, value=value, epoch=step / 10, tokens=step * 100,
+                               time=1000.0 + step, low=low, high=high, count=count)
+            for step, value, low, high, count in buckets]
+
+
+def test_sampled_buckets_draw_their_min_max_band_behind_the_line():
+    series = {"a": {"loss": sampled("a", [(99, 1.0, 0.9, 1.2, 100), (199, 0.8, 0.7, 50.0, 100)])}}
+    traces = by_name(loss_figure(series, LABELS))
+    assert list(traces) == ["mora r=8 train (max)", "mora r=8 train (min)", "mora r=8 train"]
+    high, low, line = traces.values()
+    assert list(high.y) == [1.2, 50.0] and list(low.y) == [0.9, 0.7]  # the spike to 50 stays visible
+    assert low.fill == "tonexty" and low.fillcolor == "rgba(99, 110, 250, 0.25)"
+    assert list(line.x) == [99, 199] and list(line.y) == [1.0, 0.8]
+    assert not high.showlegend and not low.showlegend and high.legendgroup == line.legendgroup == "a"
+    tokens = by_name(loss_figure(series, LABELS, x_axis="tokens"))
+    assert list(tokens["mora r=8 train (min)"].x) == [9900, 19900]
+
+
+def test_whole_series_get_no_band():
+    whole = {"a": {"loss": sampled("a", [(1, 2.0, 2.0, 2.0, 1), (2, 1.0, 1.0, 1.0, 1)])}}
+    assert [trace.name for trace in loss_figure(whole, LABELS).data] == ["mora r=8 train"]
+    assert [trace.name for trace in loss_figure(two_runs(), LABELS, show_eval=False).data] == [
+        "mora r=8 train", "lora r=8 train"]
 
 
 def test_one_train_and_one_eval_trace_per_run_in_the_run_colour():
