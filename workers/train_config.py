@@ -7,9 +7,11 @@ the queue and the web app build, so one validation serves them all.
 from __future__ import annotations
 
 import json
+import math
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 ADAPTERS = ("mora", "lora", "full")
 # Mirrors mora.functional's names: this module must import without torch, because the web app validates configs.
@@ -22,6 +24,152 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 class ConfigError(ValueError):
     """A configuration a run cannot start from; the message names the field."""
+
+
+class Bound(NamedTuple):
+    low: float
+    high: float
+    why: str
+    low_open: bool = False  # True: `low` itself is refused (a rate of 0 trains nothing)
+    high_open: bool = False
+
+
+MAX_STEPS = 10_000_000
+"""No optimizer step count beyond this: at 10 steps a second it is 11 days of one run."""
+MAX_CHECKPOINTS = 1000
+"""save_steps is at least max_steps / MAX_CHECKPOINTS, so one run cannot write thousands of checkpoints."""
+MIN_SAVE_STEPS = 10
+MAX_NAME_CHARS = 200
+MAX_PATH_CHARS = 4096
+MAX_TARGET_MODULES = 64
+MAX_MODULE_NAME_CHARS = 200
+MAX_MEMORIZE_STEPS = 100
+
+# Every numeric setting's bounds and why. A run outside them cannot be useful, or would exhaust the worker before
+# its first step; the model-dependent bounds (r against the layer width, max_length against the model's context)
+# are checked against the model's config.json in `workers.memory_estimate.model_problems`.
+BOUNDS: dict[str, Bound] = {
+    "r": Bound(1, 1024, "a rank above 1024 costs more than many full layers of the models here; use adapter full"),
+    "lora_alpha": Bound(0, 10_000, "alpha/r scales the update; a larger scale makes the first steps diverge",
+                        low_open=True),
+    "dropout": Bound(0, 1, "a probability; 1 would drop every input", high_open=True),
+    "learning_rate": Bound(0, 1, "AdamW rates above 1 diverge at the first step; 0 trains nothing",
+                           low_open=True, high_open=True),
+    "warmup_ratio": Bound(0, 1, "a fraction of the steps", high_open=True),
+    "epochs": Bound(0, 1000, "more passes than 1000 only memorise the data", low_open=True),
+    "max_steps": Bound(-1, MAX_STEPS, "10 million steps is 11 days at 10 steps a second"),
+    "batch_size": Bound(1, 4096, "a larger batch does not fit one device; use grad_accum for larger batches"),
+    "grad_accum": Bound(1, 1024, "batch_size × grad_accum examples per optimizer step; more is one step an epoch"),
+    "max_length": Bound(8, 131_072, "no model here reads more than 128k tokens at once"),
+    "seed": Bound(0, 2**32 - 1, "the random generators take 32-bit seeds"),
+    "weight_decay": Bound(0, 1, "AdamW removes lr × weight_decay of each weight every step"),
+    "eval_fraction": Bound(0, 1, "a fraction of the data; 1 would leave nothing to train on", high_open=True),
+    "eval_steps": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
+    "save_steps": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
+    "logging_steps": Bound(1, MAX_STEPS, "a step count, at most max_steps' bound"),
+    "remora_steps": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
+    "remora_warmup": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
+}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _bound_problem(name: str, value: float, bound: Bound) -> Optional[str]:
+    too_low = value <= bound.low if bound.low_open else value < bound.low
+    too_high = value >= bound.high if bound.high_open else value > bound.high
+    if not (too_low or too_high):
+        return None
+    low = f"above {bound.low:g}" if bound.low_open else f"at least {bound.low:g}"
+    high = f"below {bound.high:g}" if bound.high_open else f"at most {bound.high:g}"
+    shown = _describe(value) if isinstance(value, int) else f"{value:g}"
+    return f"{name}: must be {low} and {high} ({bound.why}), got {shown}"
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _to_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    number = value
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                raise ConfigError(f"{name}: expected a whole number, got {_describe(value)}") from None
+    if isinstance(number, float) and math.isfinite(number) and number == int(number):
+        return int(number)
+    raise ConfigError(f"{name}: expected a whole number, got {_describe(value)}")
+
+
+def _to_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    number = value
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {_describe(value)}") from None
+    if not isinstance(number, (int, float)):
+        raise ConfigError(f"{name}: expected a number, got {_describe(value)}")
+    try:
+        number = float(number)
+    except OverflowError:
+        raise ConfigError(f"{name}: {_describe(value)} is too large a number") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name}: expected a finite number, got {_describe(value)}")
+    return number
+
+
+def _to_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ConfigError(f"{name}: expected true or false, got {_describe(value)}")
+
+
+def _to_str(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):  # variant: 6 is the reference's rope
+        return str(value)
+    raise ConfigError(f"{name}: expected text, got {_describe(value)}")
+
+
+def _to_list(name: str, value: Any, item: type) -> list:
+    items = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{name}: expected a list, got {_describe(value)}")
+    convert = _to_int if item is int else _to_str
+    return [convert(name, entry) for entry in items]
+
+
+_COERCERS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str}
+
+
+def coerce_value(name: str, annotation: Any, value: Any) -> Any:
+    """One setting's value as its field's type: "1e-4" → 1e-4, "8" or 8.0 → 8, "yes" → True, "a, b" → [a, b];
+    anything else raises ConfigError naming the setting and what was found."""
+    args = typing.get_args(annotation)
+    if type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        annotation = next(arg for arg in args if arg is not type(None))
+    if value is None:
+        raise ConfigError(f"{name}: a value is required (got nothing)")
+    if typing.get_origin(annotation) is list:
+        return _to_list(name, value, typing.get_args(annotation)[0])
+    return _COERCERS[annotation](name, value)
 
 
 def canonical_variant(variant: object) -> Optional[str]:
@@ -94,7 +242,11 @@ class TrainConfig:
         return copy
 
     def validate(self) -> None:
-        problems = []
+        """Every problem at once, each naming its setting; types first, since bounds compare numbers."""
+        problems = self._type_problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+        problems += self._bound_problems()
         if not self.data:
             problems.append("data: a training file is required")
         if self.adapter not in ADAPTERS:
@@ -107,33 +259,54 @@ class TrainConfig:
             problems.append(f"lr_scheduler: expected one of {', '.join(SCHEDULES)}, got {self.lr_scheduler!r}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.learning_rate is not None and not 0 < self.learning_rate < 1:
-            problems.append(f"learning_rate: must be between 0 and 1, got {self.learning_rate}")
-        for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.max_length < 8:
-            problems.append(f"max_length: must be at least 8 tokens, got {self.max_length}")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout: must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.eval_fraction < 1:
-            problems.append(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            problems.append(f"max_steps: must be positive or -1, got {self.max_steps}")
-        if self.max_steps == -1 and self.epochs <= 0:
-            problems.append(f"epochs: must be positive, got {self.epochs}")
+        if self.max_steps == 0:
+            problems.append("max_steps: must be positive or -1 (use epochs), got 0")
+        if self.save_steps and self.save_steps < self.min_save_steps():
+            problems.append(f"save_steps: must be 0 (no checkpoints) or at least {self.min_save_steps()} "
+                            f"(at least {MIN_SAVE_STEPS}, and max_steps / {MAX_CHECKPOINTS} so a run writes at most "
+                            f"{MAX_CHECKPOINTS} checkpoints), got {self.save_steps}")
         if self.remora_steps:
             if self.adapter != "mora":
                 problems.append("remora_steps: ReMoRA applies to MoRA adapters only")
             elif canonical_variant(self.resolved().variant) not in REMORA_VARIANTS:
                 problems.append("remora_steps: ReMoRA switches groupings, so it needs variant sharing (not rope)")
-            if self.remora_steps < 0:
-                problems.append(f"remora_steps: must be positive, got {self.remora_steps}")
         problems += self._memorize_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def min_save_steps(self) -> int:
+        return max(MIN_SAVE_STEPS, math.ceil(self.max_steps / MAX_CHECKPOINTS))
+
+    def _type_problems(self) -> list[str]:
+        """A config built directly (not through `from_dict`) can still hold a wrong type: name it."""
+        problems = []
+        for f, annotation in _field_types().items():
+            try:
+                if coerce_value(f, annotation, getattr(self, f)) != getattr(self, f):
+                    raise ConfigError(f"{f}: expected {_type_name(annotation)}, got {_describe(getattr(self, f))}")
+            except ConfigError as error:
+                problems.append(str(error))
+        return problems
+
+    def _bound_problems(self) -> list[str]:
+        problems = []
+        for name, bound in BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and (problem := _bound_problem(name, value, bound)):
+                problems.append(problem)
+        for name in ("name", "data", "eval_data", "memorize_pairs_file", "model"):
+            value = getattr(self, name)
+            limit = MAX_NAME_CHARS if name == "name" else MAX_PATH_CHARS
+            if value is not None and len(value) > limit:
+                problems.append(f"{name}: at most {limit} characters, got {len(value)}")
+        modules = self.target_modules or []
+        if len(modules) > MAX_TARGET_MODULES or any(len(m) > MAX_MODULE_NAME_CHARS for m in modules):
+            problems.append(f"target_modules: at most {MAX_TARGET_MODULES} names of at most "
+                            f"{MAX_MODULE_NAME_CHARS} characters, got {len(modules)}")
+        if len(self.memorize_eval_steps) > MAX_MEMORIZE_STEPS:
+            problems.append(f"memorize_eval_steps: at most {MAX_MEMORIZE_STEPS} steps (each one generates an "
+                            f"answer for every pair), got {len(self.memorize_eval_steps)}")
+        return problems
 
     def _memorize_problems(self) -> list[str]:
         problems = []
@@ -153,11 +326,34 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        """The one way in from outside (YAML, the form, the queue): unknown settings refused, each value coerced
+        to its field's type with a message naming the setting (`coerce_value`). Bounds are `validate`'s."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"the settings must be a mapping of names to values, got {type(values).__name__}")
+        types = _field_types()
+        unknown = sorted(str(key) for key in values if key not in types)
         if unknown:
-            raise ConfigError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
-        return cls(**values)
+            raise ConfigError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(types))}")
+        problems, coerced = [], {}
+        for name, value in values.items():
+            try:
+                coerced[name] = coerce_value(name, types[name], value)
+            except ConfigError as error:
+                problems.append(str(error))
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(**coerced)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _type_name(annotation: Any) -> str:
+    plain = next((arg for arg in typing.get_args(annotation) if arg is not type(None)), annotation)
+    if typing.get_origin(plain) is list:
+        return "a list"
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "text"}.get(plain, str(plain))
