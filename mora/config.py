@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from mora.functional import Variant, default_variant, normalize_variant
+from mora.variants import VariantName as Variant, default_variant, normalize_variant
 
 TargetModules = Optional[Union[str, Sequence[str]]]
 

@@ -8,69 +8,22 @@ to `L = n·r̂` by wrap-around (`x̃[t] = x[t mod k]`).
 No function loops in Python over features or chunks: compression is a reshape and a sum, decompression a view or a
 gather, and the rotation variant folds each chunk's rotation into `M` once (`A_i = M R_i`) and runs one batched
 matmul, which is cheaper than rotating every token's activations.
+
+Which variant computes how is `mora.variants`' registry; this module gives the built-in variants their parts there
+(at the end) and dispatches through it, so a registered variant needs nothing added here.
 """
 from __future__ import annotations
 
 import functools
-import math
-from typing import Callable, Union
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-Variant = Union[str, int]
-
-# The reference implementation numbers its compression types; users of it will pass those numbers.
-REFERENCE_TYPES: dict[int, str] = {1: "sharing", 2: "type2", 3: "type3", 4: "type4", 6: "rope"}
-VARIANTS: tuple[str, ...] = ("sharing", "rope", "truncation", "decouple", "type2", "type3", "type4")
-ROTATION_VARIANTS: frozenset[str] = frozenset({"rope"})
-
-
-def normalize_variant(variant: Variant) -> str:
-    """Map a variant name or the reference's integer type to our canonical name."""
-    if isinstance(variant, bool):
-        raise ValueError(f"unknown MoRA variant {variant!r}")
-    if isinstance(variant, int) or (isinstance(variant, str) and variant.strip().isdigit()):
-        number = int(variant)
-        if number not in REFERENCE_TYPES:
-            raise ValueError(f"unknown MoRA type {number}: the reference types are {sorted(REFERENCE_TYPES)}")
-        return REFERENCE_TYPES[number]
-    name = str(variant).strip().lower()
-    if name not in VARIANTS:
-        raise ValueError(f"unknown MoRA variant {variant!r}: expected one of {', '.join(VARIANTS)} or 1, 2, 3, 4, 6")
-    return name
-
-
-def reference_type(variant: Variant) -> int | None:
-    """The reference implementation's `mora_type` for a variant, or None for the paper-only ablations."""
-    name = normalize_variant(variant)
-    return next((number for number, known in REFERENCE_TYPES.items() if known == name), None)
-
-
-def default_variant(r: int) -> str:
-    """The paper's recommendation: rotation for small ranks, sharing for large ones (MORA_SPEC.md §5)."""
-    return "rope" if r <= 32 else "sharing"
-
-
-def r_hat(in_features: int, out_features: int, r: int, variant: Variant = "sharing") -> int:
-    """Side of M that spends LoRA's parameter budget `(k + d)·r`, rounded to nearest (even for rotation)."""
-    if r < 1 or in_features < 1 or out_features < 1:
-        raise ValueError(f"r, in_features and out_features must be positive, got {r}, {in_features}, {out_features}")
-    side = int(math.floor(math.sqrt((in_features + out_features) * r) + 0.5))
-    if normalize_variant(variant) in ROTATION_VARIANTS:
-        side = max(2, side // 2 * 2)
-    return side
-
-
-def mora_parameter_count(in_features: int, out_features: int, r: int, variant: Variant = "sharing") -> int:
-    """Trainable parameters of one MoRA layer (`r̂²`)."""
-    return r_hat(in_features, out_features, r, variant) ** 2
-
-
-def lora_parameter_count(in_features: int, out_features: int, r: int) -> int:
-    """Trainable parameters of one LoRA layer at the same `r`, for the side-by-side budget."""
-    return (in_features + out_features) * r
-
+from mora import variants
+from mora.fused import sharing_add
+from mora.variants import (VariantName as Variant, default_variant, lora_parameter_count, mora_parameter_count,
+                           normalize_variant, r_hat, reference_type)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Index helpers, cached per shape and device: they are constants of a layer, rebuilt never on the hot path.
@@ -193,33 +146,32 @@ def _forward_chunked(rotate: bool) -> Callable:
     return forward
 
 
-_FORWARDS: dict[str, Callable] = {
-    "sharing": _forward_grouped(_strided_sum, _tile),
-    "type2": _forward_grouped(_contiguous_sum, _repeat_interleave),
-    "type3": _forward_grouped(_contiguous_sum, _tile),
-    "type4": _forward_grouped(_strided_sum, _repeat_interleave),
-    "truncation": _forward_truncation,
-    "rope": _forward_chunked(rotate=True),
-    "decouple": _forward_chunked(rotate=False),
-}
-
-
-def _check_shapes(M: torch.Tensor, variant: str) -> None:
+def _check_shapes(M: torch.Tensor, spec: variants.VariantSpec) -> None:
     if M.dim() != 2 or M.shape[0] != M.shape[1]:
         raise ValueError(f"M must be a square matrix, got shape {tuple(M.shape)}")
-    if variant in ROTATION_VARIANTS and M.shape[0] % 2:
-        raise ValueError(f"the {variant} variant pairs dimensions j and j + r̂/2, so r̂ must be even, got {M.shape[0]}")
+    if spec.even_side and M.shape[0] % 2:
+        raise ValueError(f"the {spec.name} variant pairs dimensions j and j + r̂/2, so r̂ must be even, "
+                         f"got {M.shape[0]}")
+
+
+def _branch(spec: variants.VariantSpec) -> Callable:
+    """The variant's forward: its own, or the simple form `decompress(M · compress(x))` from its two maps."""
+    if spec.forward is not None:
+        return spec.forward
+    if spec.compress is None or spec.decompress is None:
+        raise ValueError(f"the {spec.name} variant has neither a forward nor compress and decompress maps")
+    return _forward_grouped(spec.compress, spec.decompress)
 
 
 def mora_forward(
     x: torch.Tensor, M: torch.Tensor, in_features: int, out_features: int, variant: Variant = "sharing"
 ) -> torch.Tensor:
     """The adapter branch `f_decomp(M · f_comp(x))`, shape `[..., out_features]`, computed in x's dtype."""
-    name = normalize_variant(variant)
-    _check_shapes(M, name)
+    spec = variants.get_variant(variant)
+    _check_shapes(M, spec)
     if x.shape[-1] != in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {in_features}")
-    return _FORWARDS[name](x, M.to(x.dtype), in_features, out_features)
+    return _branch(spec)(x, M.to(x.dtype), in_features, out_features)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,20 +187,23 @@ def _fold_columns(padded: torch.Tensor, in_features: int) -> torch.Tensor:
     return padded.new_zeros(padded.shape[0], in_features).index_add(1, source, padded)
 
 
-def _output_slots(decompress: Callable, side: int, out_features: int, device: torch.device) -> torch.Tensor:
-    if decompress is _tile:
-        return torch.arange(out_features, device=device) % side
-    return _group_index(out_features, side, device)
+def _tiled_slots(length: int, side: int, device: torch.device) -> torch.Tensor:
+    """Which of the `r̂` values each of `length` positions takes when tiling (or wrap-padding): `o mod r̂`."""
+    return torch.arange(length, device=device) % side
 
 
-def _delta_grouped(compress: Callable, decompress: Callable) -> Callable:
+def _delta_grouped(contiguous_in: bool, tiled_out: bool) -> Callable:
+    """ΔW of a grouped variant, by gathering M's rows and columns: the group each output takes its value from
+    (tiled: `o mod r̂`; repeat-interleaved: its contiguous group) and each input feeds (strided sum through the
+    wrap-padding, or its contiguous group)."""
     def delta(M: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
         side = M.shape[0]
-        rows = M.index_select(0, _output_slots(decompress, side, out_features, M.device))
-        if compress is _contiguous_sum:
+        slots = (_tiled_slots if tiled_out else _group_index)(out_features, side, M.device)
+        rows = M.index_select(0, slots)
+        if contiguous_in:
             return rows.index_select(1, _group_index(in_features, side, M.device))
         length = -(-in_features // side) * side
-        padded = rows.index_select(1, torch.arange(length, device=M.device) % side)
+        padded = rows.index_select(1, _tiled_slots(length, side, M.device))
         return _fold_columns(padded, in_features)
 
     return delta
@@ -278,19 +233,29 @@ def _delta_chunked(rotate: bool) -> Callable:
     return delta
 
 
-_DELTAS: dict[str, Callable] = {
-    "sharing": _delta_grouped(_strided_sum, _tile),
-    "type2": _delta_grouped(_contiguous_sum, _repeat_interleave),
-    "type3": _delta_grouped(_contiguous_sum, _tile),
-    "type4": _delta_grouped(_strided_sum, _repeat_interleave),
-    "truncation": _delta_truncation,
-    "rope": _delta_chunked(rotate=True),
-    "decouple": _delta_chunked(rotate=False),
-}
-
-
 def mora_delta_weight(M: torch.Tensor, in_features: int, out_features: int, variant: Variant = "sharing") -> torch.Tensor:
-    """The dense update `ΔW` (`[out_features, in_features]`) such that `mora_forward(x) == x @ ΔW.T`."""
-    name = normalize_variant(variant)
-    _check_shapes(M, name)
-    return _DELTAS[name](M, in_features, out_features)
+    """The dense update `ΔW` (`[out_features, in_features]`) such that `mora_forward(x) == x @ ΔW.T`.
+
+    A variant without a delta of its own gets the spec's generic one, `F(I_k)ᵀ`: the branch applied to the rows of
+    the identity (exact, but it costs a forward over k rows; the built-in variants gather M's entries instead)."""
+    spec = variants.get_variant(variant)
+    _check_shapes(M, spec)
+    if spec.delta is not None:
+        return spec.delta(M, in_features, out_features)
+    identity = torch.eye(in_features, dtype=M.dtype, device=M.device)
+    return _branch(spec)(identity, M, in_features, out_features).T
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The built-in variants' parts, attached to their registry entries (MORA_SPEC.md §2).
+
+for _name, _contiguous_in, _tiled_out in (("sharing", False, True), ("type2", True, False), ("type3", True, True),
+                                          ("type4", False, False)):
+    variants.attach(_name, compress=_contiguous_sum if _contiguous_in else _strided_sum,
+                    decompress=_tile if _tiled_out else _repeat_interleave,
+                    delta=_delta_grouped(_contiguous_in, _tiled_out))
+variants.attach("sharing", fused_add=sharing_add)
+variants.attach("truncation", forward=_forward_truncation, delta=_delta_truncation)
+variants.attach("rope", forward=_forward_chunked(rotate=True), delta=_delta_chunked(rotate=True))
+variants.attach("decouple", forward=_forward_chunked(rotate=False), delta=_delta_chunked(rotate=False))
+del _name, _contiguous_in, _tiled_out

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mora import functional as MF
+from mora import variants
 from mora.config import LoRAConfig, MoRAConfig
 from mora.inject import adapted_layers, adapter_info, matches_target, set_active_adapter
 from mora.layers import AdaptedLinear, MoRAAdapter, is_adaptable, is_transposed_linear
@@ -74,7 +74,7 @@ def save_adapter(model: nn.Module, name: str, folder: Union[str, Path], base_mod
         "modules_to_save": None,
     }
     if info.kind == "mora":  # peft cannot load MoRA anyway, so only MoRA configs carry our own fields
-        config.update(use_mora=True, mora_type=MF.reference_type(info.variant),
+        config.update(use_mora=True, mora_type=variants.reference_type(info.variant),
                       mora_studio={"format_version": FORMAT_VERSION, "variant": info.variant})
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -136,7 +136,7 @@ def load_adapter(
     is_mora = bool(config.get("use_mora"))
     studio = config.get("mora_studio") or {}
     if is_mora:
-        variant = MF.normalize_variant(studio.get("variant") or config.get("mora_type") or 1)
+        variant = variants.normalize_variant(studio.get("variant") or config.get("mora_type") or 1)
     r = int(config.get("r", 8))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     paths = list(per_layer)

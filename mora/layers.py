@@ -14,7 +14,7 @@ from torch import nn
 
 from mora import functional as MF
 from mora.config import AdapterConfig, LoRAConfig, MoRAConfig
-from mora.fused import sharing_add
+from mora.variants import get_variant
 
 
 class MoRAAdapter(nn.Module):
@@ -42,10 +42,11 @@ class MoRAAdapter(nn.Module):
         return MF.mora_forward(self.dropout(x), self.weight, self.in_features, self.out_features, self.variant)
 
     def add_to(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`result + branch(x)`; sharing takes the fused path, which adds into `result` in place."""
+        """`result + branch(x)`; a variant with a fused path (sharing) adds into `result` in place."""
         x = x.to(self.weight.dtype)
-        if self.variant == "sharing":
-            return sharing_add(result, self.dropout(x), self.weight)
+        fused_add = get_variant(self.variant).fused_add
+        if fused_add is not None:
+            return fused_add(result, self.dropout(x), self.weight)
         return result + self(x).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -8,10 +8,21 @@ import torch
 from torch import nn
 
 from mora.inject import active_adapter, adapted_layers
+from mora.variants import get_variant
 
-# The reference cycles types 1→2→3→4→1; the paper alternates 1↔2. Both keep r̂ (no rounding to even).
+
+def _successors(start: str) -> tuple[str, ...]:
+    """The groupings met following each variant's ReMoRA successor (`mora.variants`) from `start` until it repeats."""
+    order = [start]
+    while (upcoming := get_variant(order[-1]).remora_next) not in (None, start) and upcoming not in order:
+        order.append(upcoming)
+    return tuple(order)
+
+
+# The reference cycles types 1→2→3→4→1 (the registry's successors); the paper alternates 1↔2. Both keep r̂ (no
+# rounding to even).
 CYCLES: dict[str, tuple[str, ...]] = {
-    "reference": ("sharing", "type2", "type3", "type4"),
+    "reference": _successors("sharing"),
     "paper": ("sharing", "type2"),
 }
 
