@@ -21,11 +21,13 @@ def _service():
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from workers.embedded_redis import EmbeddedRedis
+    from app.security import create_private_folder
+    from workers.embedded_redis import EmbeddedRedis, stored_password
     from workers.models import ensure_default_model
-    from workers.settings import embedded_redis_file
+    from workers.settings import embedded_redis_config_file, embedded_redis_file, embedded_redis_password_file
     from workers.processes import ProcessGroup, celery_command, run_until_signalled, worker_env, worker_specs
 
+    create_private_folder(settings.data_dir())  # first, so that nothing below creates it with the default mode
     if not args.no_prepare:
         ensure_default_model()  # one time: the default model is converted from its PyPI package
     env = {**os.environ, "MORA_DATA_DIR": str(settings.data_dir())}
@@ -33,10 +35,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     published = embedded_redis_file()
     try:
         if not env.get("REDIS_URL"):
-            redis = EmbeddedRedis(log_file=settings.logs_dir() / "redis-server.log")
+            redis = EmbeddedRedis(log_file=settings.logs_dir() / "redis-server.log",
+                                  password=stored_password(embedded_redis_password_file()),
+                                  config_file=embedded_redis_config_file())
             redis.wait_ready(process=group.spawn("redis", redis.command()))
             env["REDIS_URL"] = redis.url
-            published.write_text(redis.url + "\n")  # so `mora-studio submit`, `cancel`, ... in another terminal find it
+            redis.publish(published)  # so `mora-studio submit`, `cancel`, ... in another terminal find it
         gpus = [g for g in args.gpus.split(",") if g]
         for spec in worker_specs(["train", "chat"], gpus, args.cpu_workers):
             group.spawn(f"worker-{spec.name}", celery_command(spec), worker_env(spec, env))

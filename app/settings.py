@@ -52,3 +52,17 @@ def presets_dir() -> Path:
 
 def exports_dir() -> Path:
     return data_dir() / "exports"
+
+
+def allowed_hosts() -> list[str]:
+    """MORA_ALLOWED_HOSTS: comma-separated extra names the studio answers to (name or name:port; '*' for any), besides
+    127.0.0.1, localhost and [::1] at MORA_PORT and MORA_HOST; a request naming another host gets 403."""
+    return [name.strip() for name in os.environ.get("MORA_ALLOWED_HOSTS", "").split(",") if name.strip()]
+
+
+def upload_cache_s() -> int:
+    """MORA_UPLOAD_CACHE_S (default 3600): Gradio's copies of uploads older than this are deleted, checked as often."""
+    value = int(os.environ.get("MORA_UPLOAD_CACHE_S", "3600"))
+    if value < 60:
+        raise ValueError(f"MORA_UPLOAD_CACHE_S must be at least 60 seconds, found {value}")
+    return value

@@ -11,11 +11,15 @@ log = logging.getLogger(__name__)
 
 def serve(prevent_thread_lock: bool = False):
     """Start the collector and the web app on MORA_HOST:MORA_PORT; returns the app when not blocking (tests)."""
+    from starlette.middleware import Middleware
+
+    from app.security import AllowedHosts, HostGuard, LoginThrottle, create_private_folder
     from app.service import StudioService
     from app.ui import CSS, build_app
     from storage.repo import Store
     from workers.collector import Collector
 
+    create_private_folder(settings.data_dir())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     store = Store()
     redis_url = os.environ.get("REDIS_URL")
@@ -24,7 +28,11 @@ def serve(prevent_thread_lock: bool = False):
         log.warning("REDIS_URL is not set: no worker events will be collected")
     app = build_app(StudioService(store))
     app.queue(default_concurrency_limit=8)
-    app.launch(server_name=settings.host(), server_port=settings.port(), auth=settings.auth(),
+    app.delete_cache = (settings.upload_cache_s(), settings.upload_cache_s())  # what Blocks(delete_cache=) sets
+    auth = settings.auth()
+    guard = Middleware(HostGuard, hosts=AllowedHosts.build(settings.port(), settings.host(), settings.allowed_hosts()),
+                       throttle=LoginThrottle() if auth else None)
+    app.launch(server_name=settings.host(), server_port=settings.port(), auth=auth, app_kwargs={"middleware": [guard]},
                max_file_size=f"{settings.max_upload_mb()}mb", prevent_thread_lock=prevent_thread_lock,
                show_error=False, allowed_paths=[str(settings.exports_dir())], footer_links=[], css=CSS)
     return app

@@ -11,6 +11,7 @@ alembic.ini is needed on disk, so an installed package migrates its own database
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -46,9 +47,19 @@ def create_store_engine(url: Optional[str] = None) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            _create_private_file(Path(database).expanduser())
         _configure_sqlite(engine)
     return engine
+
+
+def _create_private_file(database: Path) -> None:
+    """The SQLite file readable by its owner only (0600), in a new folder 0700: it holds every run, dataset name and
+    chat. SQLite gives the -wal and -shm files the mode of the database file, so they are 0600 too. An empty file is
+    what SQLite makes of a new database anyway."""
+    if not database.parent.exists():
+        database.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(database, 0o600)
 
 
 def _configure_sqlite(engine: Engine) -> None:
