@@ -64,6 +64,14 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
+class RunsPage:
+    """One page of the runs table as `Store.runs_page` filters, sorts and cuts it, with how many runs match."""
+
+    runs: list[RunRecord]
+    total: int
+
+
+@dataclass(frozen=True)
 class MetricPointRecord:
     run_id: str
     name: str

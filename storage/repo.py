@@ -16,7 +16,7 @@ from dataclasses import fields
 from datetime import datetime, timezone
 from typing import Any, Optional, TypeVar, Union
 
-from sqlalchemy import Table, delete, func, make_url, or_, select
+from sqlalchemy import Table, Text, cast, delete, func, make_url, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session
@@ -48,6 +48,7 @@ from storage.records import (
     LogLineRecord,
     MetricPointRecord,
     RunRecord,
+    RunsPage,
     SampledPointRecord,
     VoteCounts,
     VoteRecord,
@@ -58,6 +59,11 @@ PROGRESS_FIELDS = ("step", "max_steps", "last_loss", "last_eval_loss", "tokens_p
 _INTEGER_PROGRESS_FIELDS = ("step", "max_steps", "tokens_seen")
 _INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+RUN_SORT_COLUMNS = ("created_at", "name", "status", "adapter", "r", "step", "last_loss", "last_eval_loss",
+                    "tokens_per_second")
+MAX_PAGE = 500
+"""The most runs one page may hold: a page is what a screen shows, never the history."""
 
 RecordT = TypeVar("RecordT")
 
@@ -95,6 +101,11 @@ def _integer(field: str, value: Any, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise StorageError(f"{field} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _like_escape(text: str) -> str:
+    """`text` matched literally inside a LIKE pattern (escape character: backslash)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _optional_integer(field: str, value: Any) -> Optional[int]:
@@ -339,6 +350,37 @@ class Store:
             query = query.limit(_integer("limit", limit, minimum=1))
         with self._unit() as session:
             return [_record(RunRecord, run) for run in session.scalars(query)]
+
+    def runs_page(self, *, status: Optional[str] = None, adapter: Optional[str] = None, tag: Optional[str] = None,
+                  group_name: Optional[str] = None, search: Optional[str] = None, sort: str = "created_at",
+                  descending: bool = True, offset: int = 0, limit: int = 25) -> RunsPage:
+        """The runs table's visible page, filtered, sorted and cut in the query, so its cost follows the page and
+        not the history. `search` matches names case-insensitively; `tag` one tag exactly. Empty values filter
+        nothing. Runs with no value in the sort column come last in both directions."""
+        column = _choice("sort", sort, RUN_SORT_COLUMNS)
+        offset = _integer("offset", offset)
+        limit = _integer("limit", limit, minimum=1)
+        if limit > MAX_PAGE:
+            raise StorageError(f"limit must be at most {MAX_PAGE} runs a page, got {limit}")
+        where = []
+        if status:
+            where.append(Run.status == _choice("status", status, STATUSES))
+        if adapter:
+            where.append(Run.adapter == adapter)
+        if group_name:
+            where.append(Run.group_name == group_name)
+        if tag:
+            # the tags column holds JSON text such as ["a", "b"]; a tag matches as its JSON string, quotes included
+            where.append(cast(Run.tags, Text).like(f"%{_like_escape(json.dumps(tag))}%", escape="\\"))
+        if search and search.strip():
+            where.append(func.lower(Run.name).like(f"%{_like_escape(search.strip().lower())}%", escape="\\"))
+        key = getattr(Run, column)
+        order = [key.is_(None), key.desc() if descending else key.asc(),
+                 Run.id.desc() if descending else Run.id.asc()]
+        with self._unit() as session:
+            total = session.scalar(select(func.count()).select_from(Run).where(*where))
+            rows = session.scalars(select(Run).where(*where).order_by(*order).offset(offset).limit(limit))
+            return RunsPage(runs=[_record(RunRecord, run) for run in rows], total=total)
 
     def runs_with_status(self, statuses: Iterable[str]) -> list[RunRecord]:
         """Oldest first: what the collector walks after a restart to find runs still queued or running."""
