@@ -66,6 +66,7 @@ BOUNDS: dict[str, Bound] = {
     "eval_fraction": Bound(0, 1, "a fraction of the data; 1 would leave nothing to train on", high_open=True),
     "eval_steps": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
     "save_steps": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
+    "keep_checkpoints": Bound(1, MAX_CHECKPOINTS, "the newest checkpoint is what a run resumes from"),
     "logging_steps": Bound(1, MAX_STEPS, "a step count, at most max_steps' bound"),
     "remora_steps": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
     "remora_warmup": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
@@ -220,6 +221,7 @@ class TrainConfig:
     eval_fraction: float = field(default=0.0, metadata={"help": "fraction of the data held out for evaluation"})
     eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0: at the end only, if there is eval data)"})
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: no intermediate checkpoints)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept: the newest N, plus the best by eval loss"})
     logging_steps: int = field(default=1, metadata={"help": "report metrics every N steps"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
     remora_steps: int = field(default=0, metadata={"help": "MoRA sharing only: ReMoRA merge-and-restart every N steps"})

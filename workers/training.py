@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -217,6 +218,43 @@ def _is_complete(checkpoint: Path) -> bool:
     return True
 
 
+def checkpoints_to_delete(checkpoints: list[Path], eval_losses: dict[int, float], keep: int) -> list[Path]:
+    """The checkpoints beyond the newest `keep` complete ones and the best by eval loss (among the checkpoints whose
+    own step was evaluated); a half-written one older than the newest complete one is a killed save's leftover and
+    goes too. The newest complete checkpoint, what a run resumes from, is always kept."""
+    by_step = sorted(checkpoints, key=lambda p: int(p.name.split("-")[1]))
+    complete = [p for p in by_step if _is_complete(p)]
+    if not complete:
+        return []
+    kept = set(complete[-keep:])
+    evaluated = [p for p in complete if int(p.name.split("-")[1]) in eval_losses]
+    if evaluated:
+        kept.add(min(evaluated, key=lambda p: eval_losses[int(p.name.split("-")[1])]))
+    newest = int(complete[-1].name.split("-")[1])
+    return [p for p in by_step if p not in kept and int(p.name.split("-")[1]) < newest]
+
+
+class CheckpointPruner(TrainerCallback):
+    """Deletes old checkpoints after each save (a full fine-tune of SmolLM2 writes about 1.6 GB a checkpoint): an
+    exact rule on our adapter-only checkpoints, where Trainer's save_total_limit keeps the best only together with
+    load_best_model_at_end and its strategy rules. Eval losses come from the Trainer's log history, which a resumed
+    run reads back from its checkpoint, so the best of before the resume is still known."""
+
+    def __init__(self, keep: int, publisher: EventPublisher) -> None:
+        self.keep = keep
+        self.publisher = publisher
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        losses = {entry["step"]: entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry}
+        folder = Path(args.output_dir)
+        candidates = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+        for checkpoint in checkpoints_to_delete(candidates, losses, self.keep):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            self.publisher.log(f"deleted {checkpoint.name}: only the newest {self.keep} and the best are kept")
+
+
 def _training_arguments(config: TrainConfig, run_dir: Path, has_eval: bool, dtype: torch.dtype) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
     return TrainingArguments(
@@ -311,7 +349,7 @@ def _train(config: TrainConfig, run_dir: Path, publisher: EventPublisher, should
         budget = f" (LoRA at r={config.r}: {info.lora_equivalent_parameters:,})" if config.adapter == "mora" else ""
         publisher.log(f"{config.adapter} adapter on {len(info.layers)} layers: {trainable:,} trainable parameters{budget}")
     callback = EventCallback(publisher, should_stop)
-    callbacks = [callback]
+    callbacks = [callback, CheckpointPruner(config.keep_checkpoints, publisher)]
     if config.remora_steps:
         callbacks.append(RemoraCallback(config.remora_steps, config.remora_warmup, publisher))
     if config.memorize_eval_steps:
