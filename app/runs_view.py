@@ -18,7 +18,7 @@ from typing import Any, Optional
 from storage.records import ArtifactRecord, MetricPointRecord, RunRecord
 from workers.models import format_parameters
 
-RUN_COLUMNS = ("id", "name", "adapter", "r", "status", "progress", "ETA", "final loss", "tokens/s", "created")
+RUN_COLUMNS = ("id", "name", "adapter", "r", "status", "progress", "ETA", "final loss", "tokens/s", "disk", "created")
 ADAPTER_COLUMNS = ("run", "adapter", "r̂", "trainable params", "adapter size", "mean effective rank", "tokens/s",
                    "peak memory")
 CSV_FIELDS = ("step", "epoch", "tokens", "time")
@@ -92,9 +92,12 @@ def eta_seconds(run: RunRecord, now: Optional[datetime] = None) -> Optional[floa
     return elapsed * remaining / run.step if elapsed > 0 else None
 
 
-def runs_table_rows(runs: Sequence[RunRecord], now: Optional[datetime] = None) -> list[list]:
-    """One row per run, columns as RUN_COLUMNS; `now` (aware, default the current time) is for the ETA."""
+def runs_table_rows(runs: Sequence[RunRecord], now: Optional[datetime] = None,
+                    disk_use: Optional[Mapping[str, int]] = None) -> list[list]:
+    """One row per run, columns as RUN_COLUMNS; `now` (aware, default the current time) is for the ETA, `disk_use`
+    the bytes of each run's folder by run id (`system_view.run_disk_use`)."""
     now = now or datetime.now(timezone.utc)
+    disk_use = disk_use or {}
     rows = []
     for run in runs:
         eta = eta_seconds(run, now)
@@ -103,6 +106,7 @@ def runs_table_rows(runs: Sequence[RunRecord], now: Optional[datetime] = None) -
             "" if eta is None else format_duration(eta),
             "" if run.last_loss is None else round(run.last_loss, 4),
             "" if run.tokens_per_second is None else round(run.tokens_per_second, 1),
+            format_bytes(disk_use.get(run.id)),
             _utc(run.created_at).strftime("%Y-%m-%d %H:%M"),
         ])
     return rows

@@ -248,7 +248,7 @@ def runs_tab(service: StudioService) -> dict[str, Any]:
     def refresh(run_ids, x, smooth, log, known):
         runs = service.runs()
         ids = [r.id for r in runs]
-        rows = runs_view.runs_table_rows(runs)
+        rows = runs_view.runs_table_rows(runs, disk_use=system_view.run_disk_use(runs))
         choices = [(f"{r.name} · {r.id}", r.id) for r in runs]
         run_updates = (gr.CheckboxGroup(choices=choices), gr.Dropdown(choices=choices), ids) if ids != known else (
             gr.skip(), gr.skip(), known)
@@ -370,7 +370,7 @@ def system_tab(service: StudioService) -> dict[str, Any]:
     with gr.Tab("System", id="system") as tab:
         workers_table = gr.Dataframe(headers=list(system_view.WORKER_COLUMNS), interactive=False, label="Workers")
         queues = gr.Markdown()
-        usage = gr.Dataframe(headers=["folder", "files", "size"], interactive=False, label="Data folder")
+        usage = gr.Dataframe(headers=list(system_view.USAGE_COLUMNS), interactive=False, label="Data folder")
         timer = gr.Timer(2.0)
 
     def refresh():

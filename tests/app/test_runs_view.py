@@ -82,8 +82,8 @@ def test_no_eta_when_it_cannot_be_known(changes):
 
 def test_a_finished_run_row_cell_by_cell():
     [row] = runs_table_rows([make_run()], now=NOW)
-    assert row == ["abc123", "mora r=8 rope", "mora rope", 8, "succeeded", "300/300 (100%)", "", 0.1235, 1234.4,
-                   "2025-03-01 11:30"]
+    assert row == ["abc123", "mora r=8 rope", "mora rope", 8, "succeeded", "300/300 (100%)", "", 0.1235, 1234.4, "",
+                   "2025-03-01 11:30"]  # disk: no sizes given
 
 
 def test_adapter_labels_and_unknown_totals():

@@ -66,3 +66,42 @@ def test_a_run_keeps_two_checkpoints_plus_the_best_and_resumes(tmp_path, tiny_mo
     assert resumed.status == "succeeded" and resumed.steps == 80, resumed.message
     steps = [e["step"] for e in read_events(tmp_path / "resumed" / "metrics.jsonl") if e["kind"] == "step"]
     assert steps[0] == 61
+
+
+def test_run_sizes_are_measured_at_most_once_a_ttl_and_shown_in_the_runs_table(tmp_path):
+    from app.runs_view import RUN_COLUMNS, runs_table_rows
+    from app.system_view import FolderSizes, run_disk_use
+    from tests.app.test_runs_view import make_run
+
+    now = [0.0]
+    sizes = FolderSizes(ttl_s=30, clock=lambda: now[0])
+    running_dir, done_dir = tmp_path / "running", tmp_path / "done"
+    for folder in (running_dir / "checkpoints" / "checkpoint-10", done_dir):
+        folder.mkdir(parents=True)
+    (running_dir / "checkpoints" / "checkpoint-10" / "adapter.safetensors").write_bytes(b"x" * 3000)
+    (done_dir / "adapter.safetensors").write_bytes(b"x" * 2048)
+    runs = [make_run(id="r1", status="running", run_dir=str(running_dir)),
+            make_run(id="r2", status="succeeded", run_dir=str(done_dir)), make_run(id="r3", run_dir=None)]
+    assert run_disk_use(runs, sizes) == {"r1": 3000, "r2": 2048}
+    (running_dir / "more.bin").write_bytes(b"x" * 1000)
+    (done_dir / "late.bin").write_bytes(b"x" * 1000)
+    now[0] = 29
+    assert run_disk_use(runs, sizes) == {"r1": 3000, "r2": 2048}  # not walked again within the TTL
+    now[0] = 31
+    assert run_disk_use(runs, sizes) == {"r1": 4000, "r2": 2048}  # a finished run's folder is measured once
+    rows = runs_table_rows(runs, disk_use=run_disk_use(runs, sizes))
+    assert [row[RUN_COLUMNS.index("disk")] for row in rows] == ["3.9 KiB", "2.0 KiB", ""]
+
+
+def test_data_folder_usage_lists_each_folder_and_the_total(tmp_path):
+    from app.system_view import FolderSizes, usage_rows
+
+    data = tmp_path / "data"
+    (data / "runs" / "a").mkdir(parents=True)
+    (data / "datasets").mkdir()
+    (data / "runs" / "a" / "f.bin").write_bytes(b"x" * 2048)
+    (data / "datasets" / "d.jsonl").write_bytes(b"x" * 1024)
+    (data / "studio.db").write_bytes(b"x" * 1024)
+    rows = usage_rows(data, FolderSizes())
+    assert rows == [["datasets", 1, "1.0 KiB"], ["runs", 1, "2.0 KiB"], [f"total ({data})", 3, "4.0 KiB"]]
+    assert usage_rows(tmp_path / "missing", FolderSizes()) == []
