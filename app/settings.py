@@ -63,6 +63,6 @@ def allowed_hosts() -> list[str]:
 def upload_cache_s() -> int:
     """MORA_UPLOAD_CACHE_S (default 3600): Gradio's copies of uploads older than this are deleted, checked as often."""
     value = int(os.environ.get("MORA_UPLOAD_CACHE_S", "3600"))
-    if value < 60:
-        raise ValueError(f"MORA_UPLOAD_CACHE_S must be at least 60 seconds, found {value}")
+    if value < 1:
+        raise ValueError(f"MORA_UPLOAD_CACHE_S must be at least 1 second, found {value}")
     return value

@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -38,7 +39,8 @@ def studio(tmp_path_factory, tiny_model_dir):
     tmp_path = tmp_path_factory.mktemp("host")
     port = free_port()
     env = studio_env(tmp_path, port, MORA_MODELS_DIR=str(Path(tiny_model_dir).parent), MORA_AUTH="ada:secret-pass",
-                     MORA_ALLOWED_HOSTS="studio.test")
+                     MORA_ALLOWED_HOSTS="studio.test", MORA_UPLOAD_CACHE_S="2",
+                     GRADIO_TEMP_DIR=str(tmp_path / "gradio-cache"))
     env.pop("MORA_HOST", None)
     with studio_process(["up", "--no-prepare"], env, tmp_path):
         url = f"http://127.0.0.1:{port}"
@@ -102,3 +104,14 @@ def test_the_data_folder_is_private_and_redis_needs_its_password(studio):
         redis.Redis(host="127.0.0.1", port=port).ping()
     command_lines = [p.read_bytes() for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()]
     assert not any(password.encode() in line for line in command_lines)
+
+
+def test_gradios_copies_of_uploads_are_deleted_after_their_age(studio):
+    url, _, data = studio
+    with httpx.Client(base_url=url, timeout=10) as client:
+        assert client.post("/login", data={"username": "ada", "password": "secret-pass"}).status_code == 200
+        response = client.post("/gradio_api/upload", files={"files": ("rows.jsonl", b'{"text": "hi"}\n')})
+    assert response.status_code == 200, response.text
+    [uploaded] = [Path(p) for p in response.json()]
+    assert uploaded.exists() and (data.parent / "gradio-cache") in uploaded.parents
+    wait_for(lambda: not uploaded.exists(), 30, "the upload cache to drop a 2 s old upload (MORA_UPLOAD_CACHE_S=2)")
