@@ -81,7 +81,8 @@ def test_up_serves_http_and_stops_everything_on_sigint(tmp_path, tiny_model_dir)
         assert sum("celery" in c for c in commands) == 2
         assert (tmp_path / "data" / "logs" / "web.log").exists()
         published = tmp_path / "data" / "redis.url"
-        assert published.read_text().startswith("redis://127.0.0.1:")  # other terminals' commands find the Redis
+        # other terminals' commands find the Redis, and its password
+        assert published.read_text().startswith("redis://:") and "@127.0.0.1:" in published.read_text()
         runs = subprocess.run([sys.executable, "-m", "app.cli", "runs"], env=env, cwd=tmp_path, capture_output=True,
                               text=True, timeout=60)
         assert runs.returncode == 0 and runs.stdout.startswith("id"), runs.stderr
