@@ -3,20 +3,34 @@
 Several adapters on one base answer in one batched `generate`: each batch row names its adapter (or none) through
 `mora.adapters_per_row`, so the base model is loaded once however many adapters are compared. A small streamer
 hands each step's tokens to the caller, who sees every row's text grow as it is generated.
+
+Lengths are checked in tokens before anything is generated: the prompt and the answer together must fit the model's
+context. A stop callable is asked between tokens (a transformers `StoppingCriteria`), so a Stop takes effect within
+one token; a caller that stops reading (closes the generator) stops the generation the same way.
 """
 from __future__ import annotations
 
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 import mora
 
 Message = dict[str, str]
+MAX_NEW_TOKENS = 4096
+
+
+class LengthError(ValueError):
+    """A prompt or an answer length that the model's context cannot hold; `rows` are the conversations at fault."""
+
+    def __init__(self, message: str, rows: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.rows = list(rows)
 
 
 @dataclass
@@ -27,8 +41,9 @@ class GenerationSettings:
     seed: Optional[int] = None
 
     def validate(self) -> None:
-        if not 1 <= self.max_new_tokens <= 8192:
-            raise ValueError(f"max_new_tokens: must be between 1 and 8192, got {self.max_new_tokens}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens (the longest answer, in tokens) must be between 1 and {MAX_NEW_TOKENS}, "
+                             f"got {self.max_new_tokens}")
         if not 0 <= self.temperature <= 5:
             raise ValueError(f"temperature: must be between 0 and 5, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -61,26 +76,67 @@ def render_prompt(tokenizer, messages: Sequence[Message]) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+class _StopWhen(StoppingCriteria):
+    """Ends every row at once when `should_stop()` turns true; asked after each generated token."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
+
+
+def context_length(model) -> Optional[int]:
+    """The most tokens the model reads at once (prompt and answer), from its config; None if it does not say."""
+    value = getattr(model.config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_lengths(prompts: Sequence[Sequence[int]], max_new_tokens: int, context: Optional[int]) -> None:
+    """Refuse, with the numbers and what to change, prompts that leave no room for `max_new_tokens` in `context`."""
+    if context is None:
+        return
+    if max_new_tokens >= context:
+        raise LengthError(f"max_new_tokens is {max_new_tokens:,} but this model reads at most {context:,} tokens, the "
+                          f"prompt included: lower max new tokens below {context:,}", range(len(prompts)))
+    room = context - max_new_tokens
+    over = [row for row, prompt in enumerate(prompts) if len(prompt) > room]
+    if over:
+        longest = max(len(prompts[row]) for row in over)
+        fewer = f", or lower max new tokens to {context - longest:,}" if context - longest >= 1 else ""
+        raise LengthError(f"the conversation is {longest:,} tokens, but this model reads at most {context:,} tokens "
+                          f"and {max_new_tokens:,} of them are kept for the answer (max new tokens): shorten the "
+                          f"message or start a new conversation (at most {room:,} tokens){fewer}", over)
+
+
 def stream_chat(
     model, tokenizer, conversations: Sequence[Sequence[Message]], adapters: Sequence[Optional[str]],
-    settings: GenerationSettings = GenerationSettings(),
+    settings: GenerationSettings = GenerationSettings(), should_stop: Optional[Callable[[], bool]] = None,
 ) -> Iterator[list[str]]:
-    """Yield, after every generated token, the answer text so far of each row (row i uses `adapters[i]`)."""
+    """Yield, after every generated token, the answer text so far of each row (row i uses `adapters[i]`).
+
+    `should_stop()` is asked after each token; when it turns true every row ends with what it has, and the last
+    texts are yielded as usual. Closing the iterator stops the generation too. Lengths past the model's context
+    raise `LengthError` before anything is generated."""
     settings.validate()
     if len(conversations) != len(adapters):
         raise ValueError(f"{len(conversations)} conversations but {len(adapters)} adapter choices")
     prompts = [render_prompt(tokenizer, c) for c in conversations]
+    check_lengths(prompts, settings.max_new_tokens, context_length(model))
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     streamer = _BatchStreamer()
+    abandoned = threading.Event()  # the consumer closed the iterator: nobody reads what would be generated
     sampling = settings.temperature > 0
     kwargs = dict(
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings.max_new_tokens,
         do_sample=sampling, temperature=settings.temperature if sampling else None,
         top_p=settings.top_p if sampling else None, pad_token_id=pad, streamer=streamer,
+        stopping_criteria=StoppingCriteriaList(
+            [_StopWhen(lambda: abandoned.is_set() or (should_stop is not None and should_stop()))]),
     )
     failure: list[BaseException] = []
 
@@ -100,20 +156,23 @@ def stream_chat(
     generated: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     shown = [""] * len(prompts)
-    while (step := streamer.steps.get()) is not None:
-        for row, token in enumerate(step):
-            if finished[row]:
-                continue
-            if token in stop_ids:
-                finished[row] = True
-            else:
-                generated[row].append(token)
-            text = tokenizer.decode(generated[row], skip_special_tokens=True)
-            # a byte-level token can end inside a UTF-8 character: hold it back until the character is whole,
-            # so every streamed text is a prefix of the next
-            if not text.endswith("\ufffd"):
-                shown[row] = text
-        yield list(shown)
+    try:
+        while (step := streamer.steps.get()) is not None:
+            for row, token in enumerate(step):
+                if finished[row]:
+                    continue
+                if token in stop_ids:
+                    finished[row] = True
+                else:
+                    generated[row].append(token)
+                text = tokenizer.decode(generated[row], skip_special_tokens=True)
+                # a byte-level token can end inside a UTF-8 character: hold it back until the character is whole,
+                # so every streamed text is a prefix of the next
+                if not text.endswith("\ufffd"):
+                    shown[row] = text
+            yield list(shown)
+    finally:
+        abandoned.set()
     worker.join()
     if failure:
         raise failure[0]

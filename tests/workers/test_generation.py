@@ -1,10 +1,12 @@
 """Streaming, batched generation with one adapter per row on the tiny model (shapes and equivalences, never text)."""
+import threading
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mora
-from workers.generation import GenerationSettings, reply, stream_chat
+from workers.generation import GenerationSettings, LengthError, check_lengths, reply, stream_chat
 
 GREEDY = GenerationSettings(max_new_tokens=8, temperature=0.0)
 
@@ -53,3 +55,49 @@ def test_bad_settings_are_refused(model_and_tokenizer):
         list(stream_chat(model, tokenizer, [[], []], [None]))
     with pytest.raises(KeyError, match="no adapter named 'zz'"):
         list(stream_chat(model, tokenizer, [[{"role": "user", "content": "x"}]], ["zz"], GREEDY))
+
+
+def test_a_stop_takes_effect_within_a_token_and_keeps_the_text(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    conversation = [{"role": "user", "content": "What is the capital of France?"}]
+    settings = GenerationSettings(max_new_tokens=40, temperature=0.0)
+    full = list(stream_chat(model, tokenizer, [conversation], ["a"], settings))
+    asked = []
+
+    def after_three_tokens():
+        asked.append(1)
+        return len(asked) >= 3
+
+    stopped = list(stream_chat(model, tokenizer, [conversation], ["a"], settings, should_stop=after_three_tokens))
+    assert len(full) > 5 and len(stopped) <= 4  # three tokens, and a last snapshot when decoding held a byte back
+    assert full[-1][0].startswith(stopped[-1][0])
+
+
+def test_closing_the_stream_stops_the_generation(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    before = {thread.ident for thread in threading.enumerate()}
+    stream = stream_chat(model, tokenizer, [[{"role": "user", "content": "Hi"}]], [None],
+                         GenerationSettings(max_new_tokens=200, temperature=1.0, seed=0))
+    next(stream)
+    started = [t for t in threading.enumerate() if t.ident not in before]
+    assert len(started) == 1
+    stream.close()
+    started[0].join(timeout=5)
+    assert not started[0].is_alive(), "the generation thread must end when nobody reads its tokens"
+
+
+def test_lengths_past_the_context_are_refused_with_the_numbers():
+    check_lengths([[1] * 100, [1] * 20], 156, 256)  # exactly full: fine
+    with pytest.raises(LengthError) as refused:
+        check_lengths([[1] * 20, [1] * 300], 128, 256)
+    assert refused.value.rows == [1]
+    assert str(refused.value) == ("the conversation is 300 tokens, but this model reads at most 256 tokens and 128 of "
+                                  "them are kept for the answer (max new tokens): shorten the message or start a new "
+                                  "conversation (at most 128 tokens)")
+    with pytest.raises(LengthError, match="lower max new tokens to 56$"):
+        check_lengths([[1] * 200], 128, 256)
+    with pytest.raises(LengthError, match="max_new_tokens is 300 but this model reads at most 256 tokens, the prompt "
+                                          "included: lower max new tokens below 256"):
+        check_lengths([], 300, 256)
+    with pytest.raises(ValueError, match="max_new_tokens .* must be between 1 and 4096, got 0"):
+        GenerationSettings(max_new_tokens=0).validate()
