@@ -57,6 +57,11 @@ def chat_stream_key(request_id: str) -> str:
     return f"mora:chat:{request_id}"
 
 
+def chat_stop_key(request_id: str) -> str:
+    """Set by the web process (Stop button, a page gone) to end a chat request's generation after its next token."""
+    return f"mora:chat:{request_id}:stop"
+
+
 def reply_key(request_id: str) -> str:
     """The list a utility call's one reply is pushed onto."""
     return f"mora:reply:{request_id}"
@@ -185,19 +190,20 @@ def queue_lengths(client: redis.Redis, queues: tuple[str, ...] = ("train", "chat
 
 
 def add_chat_snapshot(client: redis.Redis, request_id: str, texts: list[str], done: bool,
-                      error: Optional[str]) -> None:
+                      error: Optional[str], stopped: Optional[str] = None) -> None:
+    """`stopped` says why a final answer ended early (a Stop, the time limit); its texts are what was generated."""
     key = chat_stream_key(request_id)
     pipe = client.pipeline(transaction=False)
-    pipe.xadd(key, {"texts": json.dumps(texts), "done": "1" if done else "0", "error": error or ""},
-              maxlen=CHAT_STREAM_MAXLEN, approximate=True)
+    pipe.xadd(key, {"texts": json.dumps(texts), "done": "1" if done else "0", "error": error or "",
+                    "stopped": stopped or ""}, maxlen=CHAT_STREAM_MAXLEN, approximate=True)
     pipe.expire(key, CHAT_TTL_S)
     pipe.execute()
 
 
 def read_chat_snapshot(fields: dict[str, str]) -> dict[str, Any]:
-    """A stream entry as `{"texts": [...], "done": bool, "error": str | None}`."""
+    """A stream entry as `{"texts": [...], "done": bool, "error": str | None, "stopped": str | None}`."""
     return {"texts": json.loads(fields.get("texts") or "[]"), "done": fields.get("done") == "1",
-            "error": fields.get("error") or None}
+            "error": fields.get("error") or None, "stopped": fields.get("stopped") or None}
 
 
 def last_chat_snapshot(client: redis.Redis, request_id: str) -> Optional[dict[str, Any]]:
@@ -211,3 +217,11 @@ def push_reply(client: redis.Redis, request_id: str, reply: dict[str, Any]) -> N
     pipe.lpush(key, json.dumps(reply))
     pipe.expire(key, REPLY_TTL_S)
     pipe.execute()
+
+
+def request_chat_stop(client: redis.Redis, request_id: str) -> None:
+    client.set(chat_stop_key(request_id), "1", ex=CHAT_TTL_S)
+
+
+def chat_stop_requested(client: redis.Redis, request_id: str) -> bool:
+    return bool(client.exists(chat_stop_key(request_id)))

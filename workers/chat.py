@@ -15,6 +15,11 @@ models resident (least recently used evicted past `max_models`) and, per model, 
 with `mora.remove_adapter`). Both are keyed by folder and re-checked against the files' modification times, so a
 folder trained again is loaded again. Every problem with a request reaches the caller as a message naming the row and
 what is wrong, never as a traceback.
+
+Every request is bounded: the conversation is counted in tokens against the model's context before anything is
+generated, a stop flag (the page's Stop button, or the page gone) is read between tokens, and a time limit
+(`MORA_CHAT_TIME_LIMIT_S`) ends the longest answers. A stopped answer ends cleanly: its last snapshot holds what was
+generated and says why it stopped.
 """
 from __future__ import annotations
 
@@ -33,17 +38,20 @@ import torch
 
 import mora
 from workers import bus
-from workers.generation import GenerationSettings, Message, stream_chat
+from workers.generation import GenerationSettings, LengthError, Message, stream_chat
 from workers.models import ModelError, ModelInfo, load_model, resolve_model
+from workers.settings import chat_time_limit_s
 
 log = logging.getLogger(__name__)
 
 MAX_MODELS = 2
 MAX_ADAPTERS = 8
 PUBLISH_EVERY_S = 0.05
+STOP_POLL_S = 0.05  # how often the stop flag is read while tokens come: a Stop takes effect within this and a token
 
-Publish = Callable[[list[str], bool, Optional[str]], None]
-"""Receives snapshots: every row's text so far, whether the answer is complete, and an error message or None."""
+Publish = Callable[[list[str], bool, Optional[str], Optional[str]], None]
+"""Receives snapshots: every row's text so far, whether the answer is complete, an error message or None, and why
+the answer was stopped early or None."""
 Loader = Callable[..., tuple[Any, Any]]
 
 
@@ -133,6 +141,29 @@ def _settings(raw: Any) -> GenerationSettings:
 
 # ---- the engine ---------------------------------------------------------------------------------------------------
 
+class StopCheck:
+    """Whether a request should end now: its stop flag was set, or it has run for `time_limit_s`. The first reason
+    found is kept, to tell the caller why its answer ended early. The flag is read at most every `poll_s`."""
+
+    def __init__(self, requested: Callable[[], bool], time_limit_s: float, poll_s: float = STOP_POLL_S) -> None:
+        self.requested, self.time_limit_s, self.poll_s = requested, time_limit_s, poll_s
+        self.deadline = time.monotonic() + time_limit_s
+        self.reason: Optional[str] = None
+        self._polled = float("-inf")
+
+    def __call__(self) -> bool:
+        if self.reason is None:
+            now = time.monotonic()
+            if now >= self.deadline:
+                self.reason = (f"stopped at the time limit of {self.time_limit_s:g} s (MORA_CHAT_TIME_LIMIT_S); "
+                               f"ask for a shorter answer (max new tokens) or raise the limit")
+            elif now - self._polled >= self.poll_s:
+                self._polled = now
+                if self.requested():
+                    self.reason = "stopped on request"
+        return self.reason is not None
+
+
 def folder_signature(folder: Path) -> tuple:
     """The modification times of a folder and the files in it: they change when it is written again."""
     entries = [(".", folder.stat().st_mtime_ns)]
@@ -161,31 +192,36 @@ class ChatEngine:
     """Keeps models and adapters resident between requests and answers a request's rows, batched per model."""
 
     def __init__(self, max_models: int = MAX_MODELS, max_adapters: int = MAX_ADAPTERS, load: Loader = load_model,
-                 device: Optional[str] = None) -> None:
+                 device: Optional[str] = None, time_limit_s: Optional[float] = None) -> None:
         self.max_models, self.max_adapters, self._load = max_models, max_adapters, load
+        self.time_limit_s = time_limit_s if time_limit_s is not None else chat_time_limit_s()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.models: "OrderedDict[Path, ResidentModel]" = OrderedDict()
         self._names = itertools.count(1)
         self._lock = threading.Lock()
 
-    def run(self, request: Any, publish: Publish) -> None:
-        """Answer `request`, handing every snapshot to `publish`; the last one has done=True (and maybe an error)."""
+    def run(self, request: Any, publish: Publish, stop_requested: Callable[[], bool] = lambda: False) -> None:
+        """Answer `request`, handing every snapshot to `publish`; the last one has done=True (and maybe an error,
+        or the reason it was stopped). `stop_requested()` is asked between tokens; the time limit counts from here."""
         texts: list[str] = []
         with self._lock:
+            stop = StopCheck(stop_requested, self.time_limit_s)
             try:
                 parsed = ChatRequest.from_dict(request)
                 texts = [""] * len(parsed.rows)
                 groups = self._plan(parsed)
                 for group in groups:
-                    self._answer(parsed, group, texts, publish)
+                    if stop():
+                        break
+                    self._answer(parsed, group, texts, publish, stop)
             except ChatError as error:
-                publish(list(texts), True, str(error))
+                publish(list(texts), True, str(error), None)
                 return
             except Exception as error:  # a bug or the machine's failure: the caller still gets an answer
                 log.exception("chat request failed")
-                publish(list(texts), True, f"chat failed ({type(error).__name__}: {error})")
+                publish(list(texts), True, f"chat failed ({type(error).__name__}: {error})", None)
                 return
-        publish(list(texts), True, None)
+        publish(list(texts), True, None, stop.reason)
 
     def _plan(self, request: ChatRequest) -> list[_Group]:
         """Resolve every model and check every adapter folder before anything loads, so a bad row fails fast."""
@@ -210,7 +246,8 @@ class ChatEngine:
                     raise _rows_named([row.label], str(error)) from error
         return list(groups.values())
 
-    def _answer(self, request: ChatRequest, group: _Group, texts: list[str], publish: Publish) -> None:
+    def _answer(self, request: ChatRequest, group: _Group, texts: list[str], publish: Publish,
+                stop: Callable[[], bool]) -> None:
         labels = [request.rows[i].label for i in group.rows]
         resident = self.model(group.model, labels)
         wanted = {Path(request.rows[i].adapter_path).expanduser().resolve()
@@ -220,13 +257,16 @@ class ChatEngine:
             row = request.rows[index]
             adapters.append(self.adapter(resident, Path(row.adapter_path), row.label, keep=wanted)
                             if row.adapter_path else None)
-        publish(list(texts), False, None)
+        publish(list(texts), False, None, None)
         try:
             for snapshot in stream_chat(resident.model, resident.tokenizer,
-                                        [request.conversations[i] for i in group.rows], adapters, request.settings):
+                                        [request.conversations[i] for i in group.rows], adapters, request.settings,
+                                        should_stop=stop):
                 for index, text in zip(group.rows, snapshot):
                     texts[index] = text
-                publish(list(texts), False, None)
+                publish(list(texts), False, None, None)
+        except LengthError as error:  # refused before generating: the message has the numbers and what to change
+            raise _rows_named([labels[i] for i in error.rows], str(error)) from error
         except Exception as error:  # the model's own failure (out of memory, a prompt past its context)
             log.exception("chat generation failed on %s", group.model.path)
             raise _rows_named(labels, f"generation failed ({type(error).__name__}: {error})") from error
@@ -315,9 +355,9 @@ def default_engine() -> ChatEngine:
     return _engine
 
 
-def run_chat(request: Any, publish: Publish) -> None:
+def run_chat(request: Any, publish: Publish, stop_requested: Callable[[], bool] = lambda: False) -> None:
     """Answer a chat request (see the module's docstring) with the worker's engine."""
-    default_engine().run(request, publish)
+    default_engine().run(request, publish, stop_requested)
 
 
 # ---- on the queue -------------------------------------------------------------------------------------------------
@@ -332,13 +372,13 @@ class SnapshotPublisher:
         self.client, self.request_id, self.every_s = client, request_id, every_s
         self._last = float("-inf")
 
-    def __call__(self, texts: list[str], done: bool, error: Optional[str]) -> None:
+    def __call__(self, texts: list[str], done: bool, error: Optional[str], stopped: Optional[str] = None) -> None:
         final = done or error is not None
         now = time.monotonic()
         if not final and now - self._last < self.every_s:
             return
         try:
-            bus.add_chat_snapshot(self.client, self.request_id, texts, final, error)
+            bus.add_chat_snapshot(self.client, self.request_id, texts, final, error, stopped)
             self._last = now
         except redis.RedisError:
             if final:
@@ -347,12 +387,24 @@ class SnapshotPublisher:
 
 def run_queued_chat(url: str, request_id: str, request: Any) -> None:
     """Answer a chat request from the queue onto its stream. An empty snapshot goes out first, so the caller knows
-    a worker has the request while the models load; a redelivered job that already answered does nothing."""
+    a worker has the request while the models load; a redelivered job that already answered does nothing, and one
+    stopped while it waited in the queue generates nothing."""
     client = bus.connect(url)
     previous = bus.last_chat_snapshot(client, request_id)
     if previous is not None and previous["done"]:
         return
     publish = SnapshotPublisher(client, request_id)
     rows = request.get("rows") if isinstance(request, dict) else None
-    publish([""] * len(rows) if isinstance(rows, list) else [], False, None)
-    run_chat(request, publish)
+    empty = [""] * len(rows) if isinstance(rows, list) else []
+
+    def stop_requested() -> bool:
+        try:
+            return bus.chat_stop_requested(client, request_id)
+        except redis.RedisError:  # Redis restarting: go on; the time limit still bounds the answer
+            return False
+
+    if stop_requested():
+        publish(empty, True, None, "stopped on request")
+        return
+    publish(empty, False, None)
+    run_chat(request, publish, stop_requested)

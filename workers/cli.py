@@ -157,9 +157,15 @@ def resolve_chat_target(model: Optional[str], adapter: Optional[Path]) -> tuple[
 
 def cmd_chat(args: argparse.Namespace) -> int:
     import mora
-    from workers.generation import GenerationSettings, stream_chat
+    from workers.generation import GenerationSettings, LengthError, check_lengths, context_length, stream_chat
     from workers.models import ModelError, load_model
 
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    try:  # before the model loads: a bad option costs nothing
+        settings.validate()
+    except ValueError as error:
+        print(f"mora-studio chat: {error}", file=sys.stderr)
+        return 2
     model_name, adapter_dir = resolve_chat_target(args.model, args.adapter)
     try:
         model, tokenizer = load_model(model_name)
@@ -168,7 +174,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(f"mora-studio chat: {error}", file=sys.stderr)
         return 2
     model.eval()
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    try:
+        check_lengths([], settings.max_new_tokens, context_length(model))
+    except LengthError as error:
+        print(f"mora-studio chat: {error}", file=sys.stderr)
+        return 2
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Type a message; /reset starts over, /exit (or Ctrl-D) quits.")
     while True:
@@ -187,9 +197,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": text})
         print("model> ", end="", flush=True)
         shown = ""
-        for texts in stream_chat(model, tokenizer, [messages], [adapter], settings):
-            print(texts[0][len(shown):], end="", flush=True)
-            shown = texts[0]
+        try:
+            for texts in stream_chat(model, tokenizer, [messages], [adapter], settings):
+                print(texts[0][len(shown):], end="", flush=True)
+                shown = texts[0]
+        except LengthError as error:  # this message does not fit: say so, and let the user send a shorter one
+            print(f"\nmora-studio chat: {error}", file=sys.stderr)
+            messages.pop()
+            continue
         print()
         messages.append({"role": "assistant", "content": shown})
 

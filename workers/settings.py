@@ -47,3 +47,16 @@ def worker_gpus() -> list[str]:
     """MORA_GPUS (set by `mora-studio worker --gpus`): the GPU indices this worker host trains on."""
     value = os.environ.get("MORA_GPUS", "").strip()
     return [g for g in value.split(",") if g]
+
+
+def chat_time_limit_s() -> float:
+    """MORA_CHAT_TIME_LIMIT_S (default 300): the longest a chat worker generates for one request; the answer then
+    ends with what was generated and a note that it was stopped."""
+    raw = os.environ.get("MORA_CHAT_TIME_LIMIT_S", "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"MORA_CHAT_TIME_LIMIT_S must be a number of seconds, found {raw!r}") from None
+    if not 1 <= value <= 86_400:
+        raise ValueError(f"MORA_CHAT_TIME_LIMIT_S must be between 1 and 86400 seconds, found {raw}")
+    return value

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import mora
 from tests.workers.queue_harness import make_world
 from workers import api, bus
-from workers.chat import ChatEngine
+from workers.chat import ChatEngine, StopCheck
 from workers.embedded_redis import EmbeddedRedis
 from workers.generation import GenerationSettings, reply
 from workers.models import load_model
@@ -75,9 +75,11 @@ def _expected(model_name, adapter_path, conversation=QUESTION, settings=GREEDY):
 class Recorder:
     def __init__(self):
         self.snapshots = []
+        self.stopped = []
 
-    def __call__(self, texts, done, error):
+    def __call__(self, texts, done, error, stopped=None):
         self.snapshots.append((list(texts), done, error))
+        self.stopped.append(stopped)
 
     @property
     def final(self):
@@ -197,6 +199,66 @@ def test_a_bad_row_is_an_error_naming_it(adapters, row, request_change, expected
     assert done and error.startswith(expected) and "Traceback" not in error
     for resident in engine.models.values():  # a misfit leaves nothing half-attached
         assert len(mora.adapter_names(resident.model)) == len(resident.adapters)
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"max_new_tokens": 0}, "settings: max_new_tokens (the longest answer, in tokens) must be between 1 and 4096, "
+                            "got 0"),
+    ({"max_new_tokens": 300}, "row 'base': max_new_tokens is 300 but this model reads at most 256 tokens"),
+])
+def test_max_new_tokens_is_bounded_by_the_limit_and_the_context(env, settings, expected):
+    ChatEngine().run(_request([{"label": "base"}], settings=settings), recorder := Recorder())
+    texts, done, error = recorder.final
+    assert done and error.startswith(expected) and not any(texts)
+
+
+def test_a_prompt_past_the_context_is_refused_before_generating(env):
+    messages = [{"role": "user", "content": "The capital of France is Paris. " * 40}]
+    engine = ChatEngine()
+    engine.run(_request([{"label": "base"}, {"label": "again"}], messages=messages), recorder := Recorder())
+    texts, done, error = recorder.final
+    assert done and texts == ["", ""]
+    assert error.startswith("rows 'base', 'again': the conversation is ")
+    assert "reads at most 256 tokens and 12 of them are kept for the answer" in error
+    assert all(snapshot[0] == ["", ""] for snapshot in recorder.snapshots), "nothing may be generated"
+
+
+def test_stop_check_keeps_the_first_reason_and_polls_the_flag_sparingly():
+    reads = []
+    check = StopCheck(lambda: reads.append(1) or len(reads) >= 2, time_limit_s=60, poll_s=0.05)
+    assert not check() and not check()  # the second call comes within poll_s: the flag is not read again
+    assert len(reads) == 1
+    time.sleep(0.06)
+    assert check() and check.reason == "stopped on request"
+    late = StopCheck(lambda: False, time_limit_s=0.01)
+    time.sleep(0.02)
+    assert late() and late.reason.startswith("stopped at the time limit of 0.01 s (MORA_CHAT_TIME_LIMIT_S)")
+
+
+def test_a_stopped_request_ends_with_what_was_generated(env):
+    engine = ChatEngine()
+    engine.run(_request([{"label": "base"}], settings={"max_new_tokens": 60, "temperature": 0.0}), full := Recorder())
+    flag = {"set": False}
+
+    def stop_after_first_text(texts, done, error, stopped=None):
+        recorder(texts, done, error, stopped)
+        flag["set"] = flag["set"] or bool(texts[0])
+
+    recorder = Recorder()
+    engine.run(_request([{"label": "base"}], settings={"max_new_tokens": 60, "temperature": 0.0}),
+               stop_after_first_text, stop_requested=lambda: flag["set"])
+    texts, done, error = recorder.final
+    assert done and error is None and recorder.stopped[-1] == "stopped on request"
+    assert texts[0] and full.final[0][0].startswith(texts[0]) and len(texts[0]) < len(full.final[0][0])
+
+
+def test_cli_chat_refuses_max_new_tokens_0_in_one_line(capsys):
+    from app.cli import main
+
+    assert main(["chat", "--max-new-tokens", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == ("mora-studio chat: max_new_tokens (the longest answer, in tokens) must be between 1 and "
+                            "4096, got 0\n")
 
 
 # ---- through the queue --------------------------------------------------------------------------------------------
