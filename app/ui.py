@@ -338,6 +338,7 @@ def chat_tab(service: StudioService) -> dict[str, Any]:
         prompt = gr.Textbox(label="Message", placeholder="Ask something and press Enter", elem_id="chat-input")
         with gr.Row():
             send = gr.Button("Send", variant="primary", elem_id="chat-send")
+            stop = gr.Button("Stop", variant="stop", elem_id="chat-stop")
             new = gr.Button("New conversation")
         with gr.Row():
             vote_a = gr.Button("A is better", elem_id="vote-a")
@@ -360,6 +361,7 @@ def chat_tab(service: StudioService) -> dict[str, Any]:
     chat_outputs = [state, prompt, *bots, vote_message]
     send.click(on_send, chat_inputs, chat_outputs)
     prompt.submit(on_send, chat_inputs, chat_outputs)
+    stop.click(chat_view.stop, [state], [vote_message])  # the send stream then shows the end and stores it
     new.click(lambda: (None, *([[]] * chat_view.MAX_ROWS), ""), None, [state, *bots, vote_message])
     vote_a.click(lambda s: on_vote("A", s), [state], [vote_message, *bots])
     vote_b.click(lambda s: on_vote("B", s), [state], [vote_message, *bots])

@@ -16,13 +16,16 @@ import redis
 from workers import bus
 from celery import Celery
 
-from workers.celery_app import CHAT_QUEUE, CHAT_TASK, TRAIN_QUEUE, TRAIN_TASK, UTILITY_TASK, make_celery
+from workers.celery_app import CHAT_QUEUE, CHAT_TASK, TRAIN_QUEUE, TRAIN_TASK, UTILITY_QUEUE, UTILITY_TASK, make_celery
 from workers.settings import redis_url
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 CHAT_ANSWER_WITHIN_S = 30
 _BLOCK_S = 5.0  # one blocking read, kept under the client's socket timeout (10 s)
 START_CHAT_WORKER = "start one with mora-studio worker --queues chat"
+# A cheap bound in characters before anything is queued; the worker then counts tokens against the model's context.
+MAX_MESSAGE_CHARS = 32_000
+MAX_CONVERSATION_CHARS = 128_000
 
 
 class WorkerUnavailable(RuntimeError):
@@ -62,19 +65,50 @@ def queue_lengths() -> dict[str, int]:
     return bus.queue_lengths(client())
 
 
+class ChatRefused(ValueError):
+    """A chat request too large to send; the message says which limit and what to change."""
+
+
+def chat_size_problem(conversations: list[list[dict[str, Any]]]) -> Optional[str]:
+    """What is too long in these conversations, in characters (a message, or one whole conversation), or None."""
+    for conversation in conversations:
+        total = 0
+        for position, message in enumerate(conversation, 1):
+            length = len(message.get("content") or "") if isinstance(message, dict) else 0
+            total += length
+            if length > MAX_MESSAGE_CHARS:
+                return (f"message {position} is {length:,} characters; a chat message holds at most "
+                        f"{MAX_MESSAGE_CHARS:,}: shorten it")
+        if total > MAX_CONVERSATION_CHARS:
+            return (f"the conversation is {total:,} characters; a chat holds at most {MAX_CONVERSATION_CHARS:,}: "
+                    f"start a new conversation")
+    return None
+
+
 def start_chat(request: dict[str, Any]) -> str:
     """Queue a chat request (its shape is in `workers.chat`) and return its id, to read with `chat_updates`.
 
-    A request no worker has picked up within `CHAT_ANSWER_WITHIN_S` is dropped: its caller has given up by then."""
+    A request past the character limits raises `ChatRefused` and is not queued. A request no worker has picked up
+    within `CHAT_ANSWER_WITHIN_S` is dropped: its caller has given up by then."""
+    conversations = request.get("conversations") or [request.get("messages") or []]
+    problem = chat_size_problem([c for c in conversations if isinstance(c, list)])
+    if problem:
+        raise ChatRefused(problem)
     request_id = uuid.uuid4().hex
     _celery(redis_url() or DEFAULT_URL).send_task(CHAT_TASK, args=[request_id, request], queue=CHAT_QUEUE,
                                                   expires=CHAT_ANSWER_WITHIN_S)
     return request_id
 
 
+def stop_chat(request_id: str) -> None:
+    """Ask the worker to end this request's answer after its current token; what was generated is kept."""
+    bus.request_chat_stop(client(), request_id)
+
+
 def chat_updates(request_id: str, timeout_s: float = 120,
                  answer_within_s: float = CHAT_ANSWER_WITHIN_S) -> Iterator[dict[str, Any]]:
-    """Yield `{"texts": [...], "done": bool, "error": str | None}` as the worker publishes them, until one is done.
+    """Yield `{"texts": [...], "done": bool, "error": str | None, "stopped": str | None}` as the worker publishes
+    them, until one is done (`stopped`: why a finished answer ended early).
 
     The worker answers at once with empty texts when it takes the request; if nothing comes within
     `answer_within_s`, or the worker then stays silent for `timeout_s` (loading a model included), the last item
@@ -106,8 +140,8 @@ def call_worker(kind: str, payload: dict[str, Any], timeout_s: float = 30) -> di
     Problems with the payload come back as `{"error": message}`; no answer within `timeout_s` raises
     `WorkerUnavailable` (and the call is dropped from the queue, so a worker started later skips it)."""
     request_id = uuid.uuid4().hex
-    _celery(redis_url() or DEFAULT_URL).send_task(UTILITY_TASK, args=[request_id, kind, payload], queue=CHAT_QUEUE,
-                                                  expires=timeout_s)
+    _celery(redis_url() or DEFAULT_URL).send_task(UTILITY_TASK, args=[request_id, kind, payload],
+                                                  queue=UTILITY_QUEUE, expires=timeout_s)
     deadline = time.monotonic() + timeout_s
     while (remaining := deadline - time.monotonic()) > 0:
         item = client().blpop([bus.reply_key(request_id)], timeout=max(0.01, min(remaining, _BLOCK_S)))

@@ -1,7 +1,8 @@
-"""The Celery application: Redis broker, two queues, JSON only, one job per worker process at a time.
+"""The Celery application: Redis broker, three queues, JSON only, one job per worker process at a time.
 
 `train` jobs run one at a time per GPU (a worker process per GPU); `chat` jobs run on their own worker process so an
-answer never waits for a training run to end. Tasks are acknowledged late, so a job whose worker dies is not lost,
+answer never waits for a training run to end; `utility` calls (preview, budget) on a third, so they never wait for
+an answer to end. Tasks are acknowledged late, so a job whose worker dies is not lost,
 and carry only ids and plain config dicts. Importing this module does not import torch: the web process sends tasks
 by name through `workers.api`.
 """
@@ -14,6 +15,7 @@ from workers.settings import redis_url
 
 TRAIN_QUEUE = "train"
 CHAT_QUEUE = "chat"
+UTILITY_QUEUE = "utility"  # its own worker process, so a preview or a budget never waits behind a generation
 TRAIN_TASK = "mora.train_run"
 CHAT_TASK = "mora.chat_generate"
 UTILITY_TASK = "mora.utility"  # small request/reply calls (preview, budget) the web process cannot do without torch
@@ -29,9 +31,9 @@ def make_celery(broker_url: str | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_queues=(Queue(TRAIN_QUEUE), Queue(CHAT_QUEUE)),
+        task_queues=(Queue(TRAIN_QUEUE), Queue(CHAT_QUEUE), Queue(UTILITY_QUEUE)),
         task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, CHAT_TASK: {"queue": CHAT_QUEUE},
-                     UTILITY_TASK: {"queue": CHAT_QUEUE}},
+                     UTILITY_TASK: {"queue": UTILITY_QUEUE}},
         task_default_queue=TRAIN_QUEUE,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 7 * 24 * 3600},  # long runs must not be redelivered

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from workers.celery_app import CHAT_QUEUE, TRAIN_QUEUE
+from workers.celery_app import CHAT_QUEUE, TRAIN_QUEUE, UTILITY_QUEUE
 
 PR_SET_PDEATHSIG = 1
 
@@ -36,16 +36,21 @@ class WorkerSpec:
 
 
 def worker_specs(queues: Sequence[str], gpus: Sequence[str], cpu_workers: int = 1) -> list[WorkerSpec]:
-    """One training worker per GPU (or `cpu_workers` on the CPU), and one chat worker (on the first GPU, if any)."""
+    """One training worker per GPU (or `cpu_workers` on the CPU), one chat worker (on the first GPU, if any), and
+    with the chat worker a utility worker on the CPU for the small calls (preview, budget), which thus never wait
+    behind a generation."""
     specs = []
     if TRAIN_QUEUE in queues:
         specs += [WorkerSpec(f"train-gpu{g}", TRAIN_QUEUE, g) for g in gpus] or [
             WorkerSpec(f"train-cpu{i}", TRAIN_QUEUE) for i in range(max(1, cpu_workers))]
     if CHAT_QUEUE in queues:
         specs.append(WorkerSpec(f"chat-gpu{gpus[0]}" if gpus else "chat-cpu", CHAT_QUEUE, gpus[0] if gpus else None))
-    unknown = set(queues) - {TRAIN_QUEUE, CHAT_QUEUE}
+    if CHAT_QUEUE in queues or UTILITY_QUEUE in queues:
+        specs.append(WorkerSpec("utility-cpu", UTILITY_QUEUE))
+    unknown = set(queues) - {TRAIN_QUEUE, CHAT_QUEUE, UTILITY_QUEUE}
     if unknown:
-        raise ValueError(f"unknown queue {sorted(unknown)[0]!r}: the queues are {TRAIN_QUEUE} and {CHAT_QUEUE}")
+        raise ValueError(f"unknown queue {sorted(unknown)[0]!r}: the queues are {TRAIN_QUEUE}, {CHAT_QUEUE} and "
+                         f"{UTILITY_QUEUE} (chat brings a utility worker along)")
     return specs
 
 

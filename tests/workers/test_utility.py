@@ -21,7 +21,7 @@ def world(tiny_model_dir, tmp_path_factory):
         patch.setenv("MORA_MODELS_DIR", str(tiny_model_dir.parent))  # the tiny model is "tiny-llama"
         patch.setenv("REDIS_URL", "")
         world = make_world(tmp_path_factory.mktemp("utility-world"), tiny_model_dir)
-        world.start_worker("chat")
+        world.start_worker("utility")
         yield world
         world.close()
 
