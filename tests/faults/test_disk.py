@@ -3,12 +3,15 @@ studio shows what each run and the data folder use."""
 import json
 from pathlib import Path
 
+import pytest
+
+from app.runs_view import RUN_COLUMNS, runs_table_rows
+from app.system_view import FolderSizes, run_disk_use, usage_rows
+from tests.app.test_runs_view import make_run
+from tests.workers.sample_data import write_dataset
 from workers.events import read_events
 from workers.train_config import ConfigError, TrainConfig
 from workers.training import checkpoints_to_delete, latest_checkpoint, run_training
-from tests.workers.sample_data import write_dataset
-
-import pytest
 
 
 def _config(tiny_model_dir, data, **overrides) -> TrainConfig:
@@ -69,10 +72,6 @@ def test_a_run_keeps_two_checkpoints_plus_the_best_and_resumes(tmp_path, tiny_mo
 
 
 def test_run_sizes_are_measured_at_most_once_a_ttl_and_shown_in_the_runs_table(tmp_path):
-    from app.runs_view import RUN_COLUMNS, runs_table_rows
-    from app.system_view import FolderSizes, run_disk_use
-    from tests.app.test_runs_view import make_run
-
     now = [0.0]
     sizes = FolderSizes(ttl_s=30, clock=lambda: now[0])
     running_dir, done_dir = tmp_path / "running", tmp_path / "done"
@@ -94,8 +93,6 @@ def test_run_sizes_are_measured_at_most_once_a_ttl_and_shown_in_the_runs_table(t
 
 
 def test_data_folder_usage_lists_each_folder_and_the_total(tmp_path):
-    from app.system_view import FolderSizes, usage_rows
-
     data = tmp_path / "data"
     (data / "runs" / "a").mkdir(parents=True)
     (data / "datasets").mkdir()

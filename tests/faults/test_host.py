@@ -66,7 +66,8 @@ def test_state_changing_calls_from_another_origin_are_refused(studio):
     upload = _request(url + "/gradio_api/upload", "POST", b"x", Origin="http://evil.example",
                       **{"Content-Type": "multipart/form-data; boundary=b"})
     assert upload[0] == 403
-    join = _request(url + "/gradio_api/queue/join", "POST", b"{}", Origin="null", **{"Content-Type": "application/json"})
+    join = _request(url + "/gradio_api/queue/join", "POST", b"{}", Origin="null",
+                    **{"Content-Type": "application/json"})
     assert join[0] == 403
     same_origin = _request(url + "/login", "POST", login, Origin=f"http://127.0.0.1:{port}", **FORM)
     assert same_origin[0] == 200
