@@ -75,10 +75,10 @@ def test_up_serves_http_and_stops_everything_on_sigint(tmp_path, tiny_model_dir)
     with studio_process(["up", "--no-prepare"], env, tmp_path) as up:
         wait_for(lambda: _http_ok(f"http://127.0.0.1:{port}/"), 120, "the web app to answer", every=0.5)
         children = _children(up.pid)
-        assert len(children) == 4, children  # redis, the training worker, the chat worker, web
+        assert len(children) == 5, children  # redis, the training worker, the chat and utility workers, web
         commands = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in children]
         assert any("redis-server" in c and "127.0.0.1" in c for c in commands)
-        assert sum("celery" in c for c in commands) == 2
+        assert sum("celery" in c for c in commands) == 3
         assert (tmp_path / "data" / "logs" / "web.log").exists()
         published = tmp_path / "data" / "redis.url"
         # other terminals' commands find the Redis, and its password
