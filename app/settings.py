@@ -57,7 +57,12 @@ def exports_dir() -> Path:
 def allowed_hosts() -> list[str]:
     """MORA_ALLOWED_HOSTS: comma-separated extra names the studio answers to (name or name:port; '*' for any), besides
     127.0.0.1, localhost and [::1] at MORA_PORT and MORA_HOST; a request naming another host gets 403."""
-    return [name.strip() for name in os.environ.get("MORA_ALLOWED_HOSTS", "").split(",") if name.strip()]
+    names = [name.strip() for name in os.environ.get("MORA_ALLOWED_HOSTS", "").split(",") if name.strip()]
+    for name in names:
+        if "/" in name or "@" in name or " " in name:
+            raise ValueError(f"MORA_ALLOWED_HOSTS: {name!r} is not a host name; give names or name:port, without "
+                             "scheme or path (e.g. studio.example.com,10.0.0.5:7860)")
+    return names
 
 
 def upload_cache_s() -> int:

@@ -129,3 +129,13 @@ def test_data_folder_is_0700_and_the_store_0600(tmp_path):
         connection.exec_driver_sql("CREATE TABLE t (x)")
         assert {_mode(data / name) for name in ("studio.db", "studio.db-wal", "studio.db-shm")} == {0o600}
     engine.dispose()
+
+
+def test_allow_list_setting_names_a_wrong_entry(monkeypatch):
+    from app import settings
+
+    monkeypatch.setenv("MORA_ALLOWED_HOSTS", " studio.example.com , 10.0.0.5:7860,")
+    assert settings.allowed_hosts() == ["studio.example.com", "10.0.0.5:7860"]
+    monkeypatch.setenv("MORA_ALLOWED_HOSTS", "https://studio.example.com")
+    with pytest.raises(ValueError, match="MORA_ALLOWED_HOSTS: 'https://studio.example.com' is not a host name"):
+        settings.allowed_hosts()
