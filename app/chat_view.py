@@ -18,6 +18,7 @@ import gradio as gr
 from app import datasets
 from app.service import StudioService
 from storage.records import DatasetRecord
+from storage.repo import Store
 from workers import api
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _start(service: StudioService, model: str, chosen: list[str], blind: bool, s
             "histories": [[] for _ in rows], "turn": 0, "voted": set(), "model": model}
 
 
-def _store_answers(store, chat_id: int, turn: int, rows: list[dict[str, Any]], texts: list[str]) -> None:
+def _store_answers(store: Store, chat_id: int, turn: int, rows: list[dict[str, Any]], texts: list[str]) -> None:
     for index, row in enumerate(rows):
         store.add_chat_message(chat_id, turn=turn, role="assistant", content=texts[index] if index < len(texts) else "",
                                run_id=row["run_id"], label=row["label"])
@@ -104,7 +105,7 @@ class AnswerFollower:
     (done, stopped or failed), whether a page still watches or not. Ending without the worker's own last word (the
     worker silent, the stream broken) sets the request's stop flag, so the worker stops as well."""
 
-    def __init__(self, store, chat_id: int, turn: int, rows: list[dict[str, Any]], request_id: str) -> None:
+    def __init__(self, store: Store, chat_id: int, turn: int, rows: list[dict[str, Any]], request_id: str) -> None:
         self.store, self.chat_id, self.turn, self.rows, self.request_id = store, chat_id, turn, rows, request_id
         self.latest: dict[str, Any] = {"texts": [""] * len(rows), "done": False, "error": None, "stopped": None}
         self.stored = threading.Event()
