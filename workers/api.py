@@ -135,7 +135,8 @@ def chat_updates(request_id: str, timeout_s: float = 120,
 
 
 def call_worker(kind: str, payload: dict[str, Any], timeout_s: float = 30) -> dict[str, Any]:
-    """Ask a chat worker for a small answer (kinds and payloads: `workers.utility`) and wait for it.
+    """Ask the utility worker (started with every chat worker) for a small answer (kinds and payloads:
+    `workers.utility`) and wait for it.
 
     Problems with the payload come back as `{"error": message}`; no answer within `timeout_s` raises
     `WorkerUnavailable` (and the call is dropped from the queue, so a worker started later skips it)."""

@@ -1,5 +1,6 @@
-"""Small request/reply calls that a chat worker answers for the web process, which never imports torch or
-transformers: what needs a tokenizer or a model's definition is computed here.
+"""Small request/reply calls that the utility worker answers for the web process, which never imports torch or
+transformers: what needs a tokenizer or a model's definition is computed here. They have their own queue and worker
+process (started with every chat worker), so they never wait behind a generation.
 
 `handle(kind, payload)` returns a JSON-able dict; a problem the user can fix comes back as `{"error": message}`.
 
