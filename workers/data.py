@@ -32,16 +32,20 @@ tokenizer is in `workers.data_render`. Importing it loads neither torch nor tran
 from __future__ import annotations
 
 import csv
-import io
 import json
+import math
 import random
+import sys
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import pyarrow
+import pyarrow.compute
 import pyarrow.parquet
+
+from workers import settings
 
 from workers.data_render import (IGNORE_INDEX, Conversation, DataReport, Example, Features, chat_renderer,
                                  document_tokens, encode_conversations, pack, prepare)
@@ -55,10 +59,10 @@ FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"
 CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 PREVIEW_ROWS = 5
+# What of a first row is kept for the Data tab and the store: enough to recognise it, never a whole long document.
+PREVIEW_CHARS, PREVIEW_ITEMS, PREVIEW_DEPTH = 2000, 50, 8
 EXPECTED_COLUMNS = ("'messages' (chat), 'conversations' (ShareGPT), 'instruction' + 'output' with an optional "
                     "'input' (alpaca), 'prompt' + 'completion', or 'text' (raw text for continual pretraining)")
-# A long document in a text CSV easily passes csv's default cell limit of 128 KiB.
-CSV_FIELD_LIMIT = 1 << 30
 
 Row = tuple[int, Any]
 
@@ -183,53 +187,154 @@ def _unknown_schema(name: str, columns: Iterable[str]) -> DatasetError:
                         f"expected {EXPECTED_COLUMNS}")
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    if not data:
-        raise DatasetError(f"{path.name}: the file is empty")
+@dataclass(frozen=True)
+class Limits:
+    """How much a dataset may hold; each limit is a setting the refusal names, so the user knows what to raise."""
+
+    rows: int
+    decoded_bytes: int
+    row_bytes: int
+
+    @classmethod
+    def from_settings(cls) -> "Limits":
+        return cls(settings.max_rows(), settings.max_decoded_mb() * 2**20, settings.max_row_mb() * 2**20)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
+class _Budget:
+    """Counts rows and decoded bytes while a file streams, and refuses the row that crosses a limit."""
+
+    def __init__(self, name: str, limits: Limits) -> None:
+        self.name, self.limits, self.rows, self.decoded = name, limits, 0, 0
+
+    def decoded_bytes(self, size: int, where: str) -> None:
+        self.decoded += size
+        if self.decoded > self.limits.decoded_bytes:
+            raise DatasetError(f"{self.name}, {where}: the data decodes to more than "
+                               f"{_mib(self.limits.decoded_bytes)}, the limit on a dataset's decoded size; "
+                               "raise MORA_MAX_DECODED_MB to accept it")
+
+    def row(self, number: int) -> None:
+        self.rows += 1
+        if self.rows > self.limits.rows:
+            raise DatasetError(f"{self.name}, row {number}: more than {self.limits.rows:,} rows, the limit on a "
+                               "dataset's rows; raise MORA_MAX_ROWS or split the file")
+
+    def row_too_big(self, where: str, size: str) -> DatasetError:
+        return DatasetError(f"{self.name}, {where}: {size}, over the {_mib(self.limits.row_bytes)} limit on one "
+                            "row; raise MORA_MAX_ROW_MB or split the row")
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _lines(path: Path, budget: _Budget) -> Iterator[tuple[int, str]]:
+    """Each line of a UTF-8 text file with its line ending, numbered from 1, read one at a time.
+
+    Split at b"\\n" only, not as `splitlines()` would: that also splits at U+2028 and U+0085, which JSON strings may
+    contain unescaped. A line is read at most one byte past the per-row limit, so a file that is one huge line is
+    refused without being read whole.
+    """
+    name, limit = path.name, budget.limits.row_bytes
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{name}: the file is empty")
+    seen_text = False
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(iter(lambda: handle.readline(limit + 1), b""), start=1):
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                raise budget.row_too_big(f"line {number}", f"a line of more than {_mib(limit)}")
+            budget.decoded_bytes(len(raw), f"line {number}")
+            if number == 1:
+                raw = raw.removeprefix(_BOM)
+            nul = raw.find(b"\x00")
+            if nul >= 0:
+                raise DatasetError(f"{name}, line {number}: a NUL byte (0x00) at column {nul + 1}; this is a binary "
+                                   "file or a damaged one (or UTF-16): save it as UTF-8 text")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DatasetError(f"{name}, line {number}: not UTF-8 text (byte 0x{raw[error.start]:02x}); "
+                                   "save the file as UTF-8") from None
+            seen_text = seen_text or bool(text.strip())
+            yield number, text
+    if not seen_text:
+        raise DatasetError(f"{name}: the file contains only whitespace")
+
+
+def _no_constant(constant: str) -> Any:
+    raise _RowError(f"{constant} is not a JSON value (JSON has no NaN or Infinity); write null, a number or a string")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _RowError(f"the number {text[:40]} is too large for a float (it reads as Infinity); write it as a "
+                        "string")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > sys.get_int_max_str_digits():
+        raise _RowError(f"an integer of {digits:,} digits (more than the {sys.get_int_max_str_digits():,} that can be "
+                        "read); write it as a string")
+    return int(text)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
+
+
+def _parse_json(text: str, where: str, on_syntax_error: Callable[[json.JSONDecodeError], DatasetError]) -> Any:
+    """One JSON value; every way it can fail becomes a DatasetError saying where."""
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[:error.start].count(b"\n") + 1
-        raise DatasetError(f"{path.name}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
-                           "save the file as UTF-8") from None
-    if not text.strip():
-        raise DatasetError(f"{path.name}: the file contains only whitespace")
-    return text
+        return _DECODER.decode(text)
+    except json.JSONDecodeError as error:
+        raise on_syntax_error(error) from None
+    except RecursionError:
+        raise DatasetError(f"{where}: nested too deeply to read (lists or objects inside each other hundreds of "
+                           "levels deep); flatten the row") from None
+    except _RowError as error:
+        raise DatasetError(f"{where}: {error}") from None
 
 
-def _jsonl_rows(path: Path) -> list[Row]:
-    rows = []
-    # Not splitlines(): it also splits at U+2028 and U+0085, which JSON strings may contain unescaped.
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+def _jsonl_rows(path: Path, budget: _Budget) -> Iterator[Row]:
+    for number, line in _lines(path, budget):
         if not line.strip():
             continue
-        try:
-            rows.append((number, json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise DatasetError(f"{path.name}, row {number}: not valid JSON ({error.msg} at column {error.colno})"
-                               ) from None
-    return rows
+        where = f"{path.name}, row {number}"
+        yield number, _parse_json(line, where, lambda error: DatasetError(
+            f"{where}: not valid JSON ({error.msg} at column {error.colno})"))
 
 
-def _json_rows(path: Path) -> list[Row]:
-    try:
-        value = json.loads(_read_text(path))
-    except json.JSONDecodeError as error:
+def _json_rows(path: Path, budget: _Budget) -> Iterator[Row]:
+    """A JSON list is one value, so it is parsed whole: its size on disk is bounded by the per-row limit
+    (MORA_MAX_ROW_MB) as well as the decoded one; for a bigger file, JSONL reads one row at a time."""
+    size = path.stat().st_size
+    if size > budget.limits.row_bytes:
+        raise budget.row_too_big("the whole file", f"{_mib(size)} in one JSON list, which is read whole; save it as "
+                                 "JSONL (one object per line), which is read a row at a time, or")
+    text = "".join(line for _, line in _lines(path, budget))
+
+    def syntax_error(error: json.JSONDecodeError) -> DatasetError:
         hint = "; one object per line is JSONL: name the file .jsonl" if error.msg == "Extra data" else ""
-        raise DatasetError(f"{path.name}: not valid JSON ({error.msg} at line {error.lineno}, "
-                           f"column {error.colno}){hint}") from None
+        return DatasetError(f"{path.name}: not valid JSON ({error.msg} at line {error.lineno}, "
+                            f"column {error.colno}){hint}")
+
+    value = _parse_json(text, path.name, syntax_error)
+    del text
     if not isinstance(value, list):
         raise DatasetError(f"{path.name}: the top level must be a list of rows [{{...}}, ...], "
                            f"found {_type_name(value)}")
-    return list(enumerate(value, start=1))
+    yield from enumerate(value, start=1)
 
 
-def _csv_rows(path: Path) -> list[Row]:
-    csv.field_size_limit(CSV_FIELD_LIMIT)
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+def _csv_rows(path: Path, budget: _Budget) -> Iterator[Row]:
+    csv.field_size_limit(budget.limits.row_bytes)
+    reader = csv.reader((line for _, line in _lines(path, budget)))
     header: Optional[list[str]] = None
-    rows: list[Row] = []
     last_line = 0
     try:
         for record in reader:
@@ -245,43 +350,124 @@ def _csv_rows(path: Path) -> list[Row]:
             if len(record) != len(header):
                 raise DatasetError(f"{path.name}, row {line}: {len(record)} fields, but the header has "
                                    f"{len(header)} ({_quoted(header)})")
-            rows.append((line, dict(zip(header, record))))
+            yield line, dict(zip(header, record))
     except csv.Error as error:
+        if "field larger than field limit" in str(error):
+            raise budget.row_too_big(f"row {last_line + 1}", f"a cell of more than {_mib(budget.limits.row_bytes)}"
+                                     ) from None
         raise DatasetError(f"{path.name}, row {reader.line_num}: not valid CSV ({error})") from None
-    return rows
 
 
-def _parquet_rows(path: Path) -> list[Row]:
-    try:
-        table = pyarrow.parquet.read_table(path)
-    except (pyarrow.ArrowException, OSError) as error:
-        raise DatasetError(f"{path.name}: not a Parquet file, or a damaged one ({error})") from None
-    return list(enumerate(table.to_pylist(), start=1))
-
-
-def _text_rows(path: Path) -> list[Row]:
-    rows: list[Row] = []
+def _text_rows(path: Path, budget: _Budget) -> Iterator[Row]:
     paragraph: list[str] = []
-    start = 0
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+    start = size = 0
+    for number, line in _lines(path, budget):
         if line.strip():
             if not paragraph:
-                start = number
-            paragraph.append(line.rstrip("\r"))
+                start, size = number, 0
+            size += len(line)
+            if size > budget.limits.row_bytes:
+                raise budget.row_too_big(f"line {start}", f"a paragraph of more than {_mib(budget.limits.row_bytes)}")
+            paragraph.append(line.rstrip("\n").rstrip("\r"))
         elif paragraph:
-            rows.append((start, {"text": "\n".join(paragraph)}))
+            yield start, {"text": "\n".join(paragraph)}
             paragraph = []
     if paragraph:
-        rows.append((start, {"text": "\n".join(paragraph)}))
-    return rows
+        yield start, {"text": "\n".join(paragraph)}
 
 
-_READERS: dict[str, Callable[[Path], list[Row]]] = {
+def _parquet_error(path: Path, error: Exception) -> DatasetError:
+    return DatasetError(f"{path.name}: not a Parquet file, or a damaged one ({error})")
+
+
+def _decoded_size(array: Union[pyarrow.Array, pyarrow.ChunkedArray]) -> int:
+    """The bytes an Arrow array holds once its dictionaries are expanded, computed without expanding them."""
+    if isinstance(array, pyarrow.ChunkedArray):
+        return sum(_decoded_size(chunk) for chunk in array.chunks)
+    kind = array.type
+    if pyarrow.types.is_dictionary(kind):
+        if pyarrow.types.is_binary(kind.value_type) or pyarrow.types.is_string(kind.value_type) \
+                or pyarrow.types.is_large_string(kind.value_type) or pyarrow.types.is_large_binary(kind.value_type):
+            lengths = pyarrow.compute.take(pyarrow.compute.binary_length(array.dictionary), array.indices)
+            return int(pyarrow.compute.sum(lengths).as_py() or 0) + 4 * len(array)
+        return array.dictionary.take(array.indices).nbytes
+    if pyarrow.types.is_list(kind) or pyarrow.types.is_large_list(kind) or pyarrow.types.is_map(kind):
+        return _decoded_size(array.flatten()) + 4 * len(array)
+    if pyarrow.types.is_struct(kind):
+        return sum(_decoded_size(child) for child in array.flatten())
+    return array.nbytes
+
+
+def _check_parquet_footer(path: Path, parquet: pyarrow.parquet.ParquetFile, budget: _Budget) -> None:
+    """Refuse a file whose rows or decoded size are over the limits from its footer and its dictionaries alone.
+
+    A dictionary-encoded column stores each distinct value once: 490 bytes on disk can expand to gigabytes. Its
+    decoded size is computed from the dictionary and the indices, read as they are stored, never expanded. Every
+    other column's decoded size is in the footer (its pages' uncompressed size), which also catches a page that a
+    compressor would inflate from kilobytes to gigabytes.
+    """
+    metadata = parquet.metadata
+    if metadata.num_rows > budget.limits.rows:
+        raise DatasetError(f"{path.name}: {metadata.num_rows:,} rows, more than {budget.limits.rows:,}, the limit on "
+                           "a dataset's rows; raise MORA_MAX_ROWS or split the file")
+    schema = parquet.schema
+    leaves = [schema.column(i) for i in range(metadata.num_columns)]
+    chunks = [(metadata.row_group(g).column(i), leaf) for g in range(metadata.num_row_groups)
+              for i, leaf in enumerate(leaves)]
+    dictionary_paths = sorted({leaf.path for chunk, leaf in chunks
+                               if chunk.has_dictionary_page and leaf.physical_type == "BYTE_ARRAY"})
+    top_columns = sorted({path.split(".")[0] for path in dictionary_paths})
+    plain = 0
+    first_row = 1
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        group_plain = sum(row_group.column(i).total_uncompressed_size for i, leaf in enumerate(leaves)
+                          if leaf.path.split(".")[0] not in top_columns)
+        if row_group.num_rows and group_plain > budget.limits.row_bytes * row_group.num_rows:
+            rows = f"row {first_row}" if row_group.num_rows == 1 else \
+                f"rows {first_row}-{first_row + row_group.num_rows - 1}"
+            raise budget.row_too_big(rows, f"{_mib(group_plain)} decoded in {row_group.num_rows:,} row(s), so at "
+                                           "least one row is")
+        plain += group_plain
+        first_row += row_group.num_rows
+    budget.decoded_bytes(plain, "from its footer")
+    if not top_columns:
+        return
+    dictionary_file = pyarrow.parquet.ParquetFile(path, read_dictionary=dictionary_paths)
+    for batch in dictionary_file.iter_batches(batch_size=4096, columns=top_columns):
+        budget.decoded_bytes(sum(_decoded_size(column) for column in batch.columns),
+                             f"dictionary-encoded column(s) {_quoted(top_columns)}")
+
+
+PARQUET_BATCH_ROWS = 64
+
+
+def _parquet_rows(path: Path, budget: _Budget) -> Iterator[Row]:
+    """Rows a small batch at a time, after the footer check; a batch over the per-row limit is read a row at a
+    time, so one row over the limit is refused before it becomes Python objects."""
+    try:
+        parquet = pyarrow.parquet.ParquetFile(path)
+        _check_parquet_footer(path, parquet, budget)
+        number = 0
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            rows = [batch] if batch.nbytes <= budget.limits.row_bytes else \
+                [batch.slice(i, 1) for i in range(batch.num_rows)]
+            for part in rows:
+                if part.num_rows == 1 and part.nbytes > budget.limits.row_bytes:
+                    raise budget.row_too_big(f"row {number + 1}", _mib(part.nbytes))
+                for row in part.to_pylist():
+                    number += 1
+                    yield number, row
+    except (pyarrow.ArrowException, OSError) as error:
+        raise _parquet_error(path, error) from None
+
+
+_READERS: dict[str, Callable[[Path, _Budget], Iterator[Row]]] = {
     "jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows, "text": _text_rows,
 }
 
 
-def _raw_rows(path: Path) -> tuple[str, list[Row]]:
+def _file_format(path: Path) -> str:
     if not path.exists():
         raise DatasetError(f"{path.name}: no such file ({path})")
     if not path.is_file():
@@ -290,56 +476,96 @@ def _raw_rows(path: Path) -> tuple[str, list[Row]]:
     if file_format is None:
         raise DatasetError(f"{path.name}: unsupported file type '{path.suffix}'; expected one of "
                            f"{', '.join(FORMATS)}")
-    try:
-        rows = _READERS[file_format](path)
-    except OSError as error:
-        raise DatasetError(f"{path.name}: cannot read the file ({error.strerror})") from None
-    if not rows:
-        raise DatasetError(f"{path.name}: the file has no rows")
-    return file_format, rows
+    return file_format
+
+
+def _preview_value(value: Any, depth: int = 0) -> Any:
+    """A copy small enough to store and show: long strings cut, deep nesting elided."""
+    if isinstance(value, str):
+        return value if len(value) <= PREVIEW_CHARS else value[:PREVIEW_CHARS] + "…"
+    if depth >= PREVIEW_DEPTH and isinstance(value, (list, dict)):
+        return "…"
+    if isinstance(value, list):
+        return [_preview_value(item, depth + 1) for item in value[:PREVIEW_ITEMS]]
+    if isinstance(value, dict):
+        return {key: _preview_value(item, depth + 1) for key, item in islice(value.items(), PREVIEW_ITEMS)}
+    return value
+
+
+class _DatasetStream:
+    """One pass over a dataset file: validated examples one at a time, and what was seen so far for `DatasetInfo`.
+
+    Nothing holds more than one row (or one small Parquet batch) of the file, so validating a file of any size
+    takes the memory of its largest row. Every failure is a `DatasetError`: even a row nested too deeply for the
+    parser, or an integer too long to convert, is a property of the file the user can fix.
+    """
+
+    def __init__(self, path: Union[str, Path], limits: Optional[Limits] = None) -> None:
+        self.path = Path(path)
+        self.file_format = _file_format(self.path)
+        self.budget = _Budget(self.path.name, limits or Limits.from_settings())
+        self.columns: dict[str, None] = {}
+        self.preview_rows: list[dict[str, Any]] = []
+        self.schema: Optional[_Schema] = None
+        self.rows = 0
+
+    def examples(self) -> Iterator[Example]:
+        name = self.path.name
+        first_row = 0
+        try:
+            for number, row in _READERS[self.file_format](self.path, self.budget):
+                self.budget.row(number)
+                if not isinstance(row, dict):
+                    raise DatasetError(f"{name}, row {number}: each row must be an object with named fields, "
+                                       f"found {_type_name(row)}")
+                self.columns.update(dict.fromkeys(row))
+                row_schema = _detect(row)
+                if self.schema is None:
+                    if row_schema is None:
+                        raise _unknown_schema(name, row)
+                    self.schema, first_row = row_schema, number
+                elif row_schema is None:
+                    missing = [c for c in self.schema.required if c not in row]
+                    raise DatasetError(f"{name}, row {number}: no {_quoted(missing)} (found {_quoted(row)}); every "
+                                       f"row of this {self.schema.name} file needs {_quoted(self.schema.required)}")
+                elif row_schema is not self.schema:
+                    raise DatasetError(f"{name}, row {number}: the row is {row_schema.name} "
+                                       f"({_quoted(row_schema.required)}) but row {first_row} is {self.schema.name} "
+                                       f"({_quoted(self.schema.required)}); use one format per file")
+                try:
+                    example = Example(number, self.schema.convert(row))
+                except _RowError as error:
+                    raise DatasetError(f"{name}, row {number}: {error}") from None
+                if len(self.preview_rows) < PREVIEW_ROWS:
+                    self.preview_rows.append(_preview_value(row))
+                self.rows += 1
+                yield example
+        except OSError as error:
+            raise DatasetError(f"{name}: cannot read the file ({error.strerror or error})") from None
+        if not self.rows:
+            raise DatasetError(f"{name}: the file has no rows")
+
+    def info(self) -> DatasetInfo:
+        assert self.schema is not None, "info() after examples() was read to the end"
+        return DatasetInfo(path=self.path, file_format=self.file_format, schema=self.schema.name, rows=self.rows,
+                           columns=list(self.columns), preview_rows=self.preview_rows)
 
 
 def read_dataset(path: Union[str, Path]) -> tuple[DatasetInfo, list[Example]]:
-    """Read and validate every row of a dataset file; raise `DatasetError` at the first problem.
-
-    All rows are checked, not a sample, so that a run never fails an hour in on row 40,000.
-    """
-    path = Path(path)
-    name = path.name
-    file_format, rows = _raw_rows(path)
-    columns: dict[str, None] = {}
-    examples = []
-    schema: Optional[_Schema] = None
-    for number, row in rows:
-        if not isinstance(row, dict):
-            raise DatasetError(f"{name}, row {number}: each row must be an object with named fields, "
-                               f"found {_type_name(row)}")
-        columns.update(dict.fromkeys(row))
-        row_schema = _detect(row)
-        if schema is None:
-            if row_schema is None:
-                raise _unknown_schema(name, row)
-            schema, first_row = row_schema, number
-        elif row_schema is None:
-            missing = [c for c in schema.required if c not in row]
-            raise DatasetError(f"{name}, row {number}: no {_quoted(missing)} (found {_quoted(row)}); every row "
-                               f"of this {schema.name} file needs {_quoted(schema.required)}")
-        elif row_schema is not schema:
-            raise DatasetError(f"{name}, row {number}: the row is {row_schema.name} ({_quoted(row_schema.required)}) "
-                               f"but row {first_row} is {schema.name} ({_quoted(schema.required)}); "
-                               "use one format per file")
-        try:
-            examples.append(Example(number, schema.convert(row)))
-        except _RowError as error:
-            raise DatasetError(f"{name}, row {number}: {error}") from None
-    info = DatasetInfo(path=path, file_format=file_format, schema=schema.name, rows=len(examples),
-                       columns=list(columns), preview_rows=[row for _, row in rows[:PREVIEW_ROWS]])
-    return info, examples
+    """Read and validate every row of a dataset file into examples for training; raise `DatasetError` at the first
+    problem. All rows are checked, not a sample, so that a run never fails an hour in on row 40,000."""
+    stream = _DatasetStream(path)
+    examples = list(stream.examples())
+    return stream.info(), examples
 
 
 def inspect_dataset(path: Union[str, Path]) -> DatasetInfo:
-    """Validate a dataset file and describe it (format, schema, row count, columns, first rows) for the Data tab."""
-    return read_dataset(path)[0]
+    """Validate a dataset file and describe it (format, schema, row count, columns, first rows) for the Data tab,
+    streaming: it keeps no example, so the web process's memory does not grow with the file."""
+    stream = _DatasetStream(path)
+    for _ in stream.examples():
+        pass
+    return stream.info()
 
 
 @dataclass
@@ -436,20 +662,24 @@ def collate(batch: list[Features], pad_token_id: int) -> dict[str, torch.Tensor]
 def preview(path: Union[str, Path], tokenizer: PreTrainedTokenizerBase, max_length: int,
             n: int = 3) -> list[list[tuple[str, bool]]]:
     """The first n training examples as the model will see them, cut into (text, trained) segments, so the user
-    can check before launching that the loss falls on the answers.
+    can check before launching that the loss falls on the answers. Only the rows it shows are read and checked (a
+    batch of n at a time), not the whole file: the file was validated when it was uploaded.
 
     A conversation's segments join to its rendered text (cut where truncation cuts it), which is what decoding its
     input_ids gives; a packed `text` block is one trained segment, its decoded tokens.
     """
-    info, examples = read_dataset(path)
-    report = DataReport(rows_in=info.rows)
-    if info.schema == "text":
+    source = _DatasetStream(path)
+    examples = source.examples()
+    first = next(examples)
+    examples = chain([first], examples)
+    report = DataReport(rows_in=0)
+    if source.schema is not None and source.schema.name == "text":
         stream: list[int] = []
-        for tokens in document_tokens(examples, tokenizer, report):
+        for tokens in document_tokens(examples, tokenizer, report, batch_size=n):
             stream.extend(tokens)
             if len(stream) >= n * max_length:
                 break
         blocks = pack(stream, max_length, report, "preview")[:n]
         return [[(tokenizer.decode(block["input_ids"]), True)] for block in blocks]
-    encoded = encode_conversations(examples, chat_renderer(tokenizer, report), max_length, report)
+    encoded = encode_conversations(examples, chat_renderer(tokenizer, report), max_length, report, batch_size=n)
     return [example.segments() for example in islice(encoded, n)]

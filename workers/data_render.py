@@ -205,9 +205,10 @@ def chat_renderer(tokenizer: PreTrainedTokenizerBase, report: DataReport) -> Cha
     return renderer
 
 
-def _encode(examples: Iterable[Example], renderer: ChatRenderer, report: DataReport) -> Iterator[EncodedConversation]:
+def _encode(examples: Iterable[Example], renderer: ChatRenderer, report: DataReport,
+            batch_size: int = TOKENIZE_BATCH) -> Iterator[EncodedConversation]:
     """Render and tokenize conversations lazily, in batches (the tokenizer is much faster on a batch)."""
-    for batch in _batches(examples, TOKENIZE_BATCH):
+    for batch in _batches(examples, batch_size):
         rendered = []
         for example in batch:
             try:
@@ -241,20 +242,20 @@ def _fit(encoded: EncodedConversation, max_length: int, report: DataReport) -> O
 
 
 def encode_conversations(examples: Iterable[Example], renderer: ChatRenderer, max_length: int,
-                         report: DataReport) -> Iterator[EncodedConversation]:
+                         report: DataReport, batch_size: int = TOKENIZE_BATCH) -> Iterator[EncodedConversation]:
     """Each conversation rendered, tokenized and fitted to max_length, lazily (a preview needs only the first);
     rows that yield nothing to train on are recorded in the report and skipped."""
-    for encoded in _encode(examples, renderer, report):
+    for encoded in _encode(examples, renderer, report, batch_size):
         fitted = _fit(encoded, max_length, report)
         if fitted is not None:
             yield fitted
 
 
 def document_tokens(examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase,
-                    report: DataReport) -> Iterator[list[int]]:
+                    report: DataReport, batch_size: int = TOKENIZE_BATCH) -> Iterator[list[int]]:
     """Each non-empty document's tokens followed by eos, so the model learns where a document ends."""
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    for batch in _batches(examples, TOKENIZE_BATCH):
+    for batch in _batches(examples, batch_size):
         documents = []
         for example in batch:
             if example.content.strip():
