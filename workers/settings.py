@@ -60,3 +60,27 @@ def chat_time_limit_s() -> float:
     if not 1 <= value <= 86_400:
         raise ValueError(f"MORA_CHAT_TIME_LIMIT_S must be between 1 and 86400 seconds, found {raw}")
     return value
+
+
+def _positive_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip() or str(default)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a positive whole number, found {value!r}")
+    return int(value)
+
+
+def max_rows() -> int:
+    """MORA_MAX_ROWS (default 5,000,000): the most rows a dataset may have, counted while it is read."""
+    return _positive_int("MORA_MAX_ROWS", 5_000_000)
+
+
+def max_decoded_mb() -> int:
+    """MORA_MAX_DECODED_MB (default 4096): the most MiB a dataset may hold once decoded (a Parquet file's
+    decompressed, dictionary-expanded values; a text file's bytes), checked before or while it is read."""
+    return _positive_int("MORA_MAX_DECODED_MB", 4096)
+
+
+def max_row_mb() -> int:
+    """MORA_MAX_ROW_MB (default 16): the most MiB one row (a line, a CSV record, a paragraph, a JSON element)
+    may hold, so one row never has to be read whole into memory to be refused."""
+    return _positive_int("MORA_MAX_ROW_MB", 16)
