@@ -5,6 +5,7 @@ the file is stored under a name we generate (never the user's), so an upload can
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import shutil
@@ -34,7 +35,8 @@ def _sha256(path: Path) -> str:
 
 def ingest_upload(store: Store, datasets_dir: Path, uploaded: Path, original_name: str,
                   max_bytes: Optional[int] = None) -> UploadResult:
-    """Check an uploaded file and keep it; every refusal is a message naming the file and the problem."""
+    """Check an uploaded file and keep it; every refusal is a message naming the file and the problem, and leaves
+    the datasets folder and the store as they were. The uploaded file itself is the caller's (see `discard_upload`)."""
     display = Path(original_name).name or "upload"
     suffix = Path(display).suffix.lower()
     if suffix not in FORMATS:
@@ -42,28 +44,42 @@ def ingest_upload(store: Store, datasets_dir: Path, uploaded: Path, original_nam
                                   f"upload one of {', '.join(FORMATS)}")
     size = Path(uploaded).stat().st_size
     if max_bytes is not None and size > max_bytes:
-        return UploadResult(None, f"{display}: {size / 2**20:.1f} MiB is over the {max_bytes / 2**20:.0f} MiB limit")
+        return UploadResult(None, f"{display}: {size / 2**20:.1f} MiB is over the {max_bytes / 2**20:.0f} MiB "
+                                  "limit on an upload; raise MORA_MAX_UPLOAD_MB to accept it")
     datasets_dir.mkdir(parents=True, exist_ok=True)
     staged = datasets_dir / f".{uuid.uuid4().hex}{suffix}"
-    shutil.copyfile(uploaded, staged)
-    try:
-        info = inspect_dataset(staged)
-    except DatasetError as error:
+    try:  # whatever happens, the staged copy goes: only a recorded dataset leaves a file in the folder
+        shutil.copyfile(uploaded, staged)
+        try:
+            info = inspect_dataset(staged)
+        except DatasetError as error:
+            return UploadResult(None, str(error).replace(staged.name, display).replace(str(staged), display))
+        sha256 = _sha256(staged)
+        existing = store.find_dataset_by_hash(sha256)
+        if existing is not None:
+            return UploadResult(existing, f"{display} is already stored as '{existing.name}' ({existing.rows} rows)")
+        final = datasets_dir / f"{uuid.uuid4().hex}{suffix}"
+        staged.rename(final)
+        try:
+            dataset = store.add_dataset(
+                name=Path(display).stem, path=str(final), original_filename=display, sha256=sha256,
+                file_format=info.file_format, schema=info.schema, rows=info.rows, columns=list(info.columns),
+                preview=[_jsonable(row) for row in info.preview_rows], size_bytes=size,
+            )
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+    finally:
         staged.unlink(missing_ok=True)
-        return UploadResult(None, str(error).replace(staged.name, display).replace(str(staged), display))
-    sha256 = _sha256(staged)
-    existing = store.find_dataset_by_hash(sha256)
-    if existing is not None:
-        staged.unlink(missing_ok=True)
-        return UploadResult(existing, f"{display} is already stored as '{existing.name}' ({existing.rows} rows)")
-    final = datasets_dir / f"{uuid.uuid4().hex}{suffix}"
-    staged.rename(final)
-    dataset = store.add_dataset(
-        name=Path(display).stem, path=str(final), original_filename=display, sha256=sha256,
-        file_format=info.file_format, schema=info.schema, rows=info.rows, columns=list(info.columns),
-        preview=[_jsonable(row) for row in info.preview_rows], size_bytes=size,
-    )
     return UploadResult(dataset, f"{display}: {info.rows} rows, {info.file_format}, {info.schema} format")
+
+
+def discard_upload(uploaded: Path) -> None:
+    """Delete the web server's temporary copy of an upload once it is ingested, accepted or refused (a kept
+    dataset has its own copy), and its folder if that is left empty, so uploads do not pile up in the temp dir."""
+    uploaded.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        uploaded.parent.rmdir()
 
 
 def _jsonable(row: dict) -> dict:

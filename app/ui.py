@@ -60,8 +60,11 @@ def data_tab(service: StudioService) -> dict[str, Any]:
     def on_upload(path, model):
         if not path:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        result = datasets.ingest_upload(service.store, settings.datasets_dir(), Path(path), Path(path).name,
-                                        max_bytes=settings.max_upload_mb() * 2**20)
+        try:
+            result = datasets.ingest_upload(service.store, settings.datasets_dir(), Path(path), Path(path).name,
+                                            max_bytes=settings.max_upload_mb() * 2**20)
+        finally:
+            datasets.discard_upload(Path(path))
         html = chat_view.preview_for(result.dataset, model) if result.dataset else ""
         note = ("✅ " if result.dataset else "⚠️ ") + result.message
         return (note, html, datasets.datasets_rows(service.store),
