@@ -38,7 +38,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             redis = EmbeddedRedis(log_file=settings.logs_dir() / "redis-server.log",
                                   password=stored_password(embedded_redis_password_file()),
                                   config_file=embedded_redis_config_file())
-            redis.wait_ready(process=group.spawn("redis", redis.command()))
+            # a restart comes back on the same port, empty (the reconciler re-sends queued runs)
+            group.spawn("redis", redis.command(), ready=lambda process: redis.wait_ready(process=process))
             env["REDIS_URL"] = redis.url
             redis.publish(published)  # so `mora-studio submit`, `cancel`, ... in another terminal find it
         gpus = [g for g in args.gpus.split(",") if g]

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from workers.celery_app import CHAT_QUEUE, TRAIN_QUEUE, UTILITY_QUEUE
 
@@ -70,38 +70,106 @@ def worker_env(spec: WorkerSpec, base: Optional[dict[str, str]] = None) -> dict[
     return env
 
 
-class ProcessGroup:
-    """Child processes with their logs in one folder; `stop()` ends them all, newest first."""
+RESTART_FIRST_DELAY_S = 1.0
+RESTART_MAX_DELAY_S = 30.0
+STABLE_AFTER_S = 60.0  # a child that stayed up this long starts again from the first delay when it dies
 
-    def __init__(self, log_dir: Path) -> None:
+
+@dataclass
+class Child:
+    """A supervised child: how to start it again, and when it may be restarted next."""
+    args: list[str]
+    env: Optional[dict[str, str]]
+    process: subprocess.Popen
+    started: float
+    ready: Optional[Callable[[subprocess.Popen], object]] = None
+    delay_s: float = RESTART_FIRST_DELAY_S
+    restart_at: Optional[float] = None
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class ProcessGroup:
+    """Child processes with their logs in one folder; `supervise()` restarts the ones that die, `stop()` ends them
+    all, newest first."""
+
+    def __init__(self, log_dir: Path, first_delay_s: float = RESTART_FIRST_DELAY_S,
+                 max_delay_s: float = RESTART_MAX_DELAY_S, stable_after_s: float = STABLE_AFTER_S) -> None:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.children: dict[str, subprocess.Popen] = {}
+        self.first_delay_s, self.max_delay_s, self.stable_after_s = first_delay_s, max_delay_s, stable_after_s
+        self.supervised: dict[str, Child] = {}
 
-    def spawn(self, name: str, args: list[str], env: Optional[dict[str, str]] = None) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                   start_new_session=True, preexec_fn=_die_with_parent)
-        log.close()
-        self.children[name] = process
+    @property
+    def children(self) -> dict[str, subprocess.Popen]:
+        return {name: child.process for name, child in self.supervised.items()}
+
+    def spawn(self, name: str, args: list[str], env: Optional[dict[str, str]] = None,
+              ready: Optional[Callable[[subprocess.Popen], object]] = None) -> subprocess.Popen:
+        """Start a child; `ready(process)` (if given) blocks until it serves, at every start and restart."""
+        process = self._start(name, args, env)
+        self.supervised[name] = Child(args, env, process, time.monotonic(), ready, self.first_delay_s)
+        if ready is not None:
+            ready(process)
         return process
 
-    def first_exit(self, poll_s: float = 0.5, should_stop=lambda: False) -> Optional[tuple[str, int]]:
-        """Block until a child exits (returns its name and code) or `should_stop()` turns true (returns None)."""
+    def _start(self, name: str, args: list[str], env: Optional[dict[str, str]]) -> subprocess.Popen:
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+
+    def log(self, name: str, line: str) -> None:
+        """One line on the console and in the child's own log, so either place tells the story."""
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} supervisor: {name} {line}"
+        print(stamped, flush=True)
+        with open(self.log_dir / f"{name}.log", "a", encoding="utf-8") as log:
+            log.write(stamped + "\n")
+
+    def check_once(self) -> None:
+        """Notice dead children and schedule their restart; restart those whose backoff has passed."""
+        now = time.monotonic()
+        for name, child in self.supervised.items():
+            if child.restart_at is None:
+                code = child.process.poll()
+                if code is None:
+                    continue
+                if now - child.started >= self.stable_after_s:
+                    child.delay_s = self.first_delay_s
+                child.restart_at = now + child.delay_s
+                self.log(name, f"{describe_exit(code)}; restarting it in {child.delay_s:g} s "
+                               f"(log: {self.log_dir / (name + '.log')})")
+                child.delay_s = min(child.delay_s * 2, self.max_delay_s)
+            elif now >= child.restart_at:
+                child.process = self._start(name, child.args, child.env)
+                child.started, child.restart_at = time.monotonic(), None
+                if child.ready is not None:
+                    try:
+                        child.ready(child.process)
+                    except RuntimeError as error:
+                        self.log(name, f"did not come back: {error}")
+                        continue
+                self.log(name, f"restarted (pid {child.process.pid})")
+
+    def supervise(self, should_stop: Callable[[], bool], poll_s: float = 0.2) -> None:
+        """Keep every child running until `should_stop()` turns true."""
         while not should_stop():
-            for name, process in self.children.items():
-                code = process.poll()
-                if code is not None:
-                    return name, code
+            self.check_once()
             time.sleep(poll_s)
-        return None
 
     def stop(self, timeout: float = 15.0) -> None:
-        for process in reversed(list(self.children.values())):
+        processes = [child.process for child in self.supervised.values()]
+        for process in reversed(processes):
             if process.poll() is None:
                 process.terminate()
         deadline = time.monotonic() + timeout
-        for process in self.children.values():
+        for process in processes:
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -110,7 +178,8 @@ class ProcessGroup:
 
 
 def run_until_signalled(group: ProcessGroup, on_start_message: str) -> int:
-    """Wait for SIGINT/SIGTERM (stop everything, exit 0) or a child's death (stop everything, exit 1)."""
+    """Supervise the group until SIGINT/SIGTERM, then stop everything and exit 0. A child that dies is restarted
+    with backoff (1 s doubling to 30 s, back to 1 s once it stayed up a minute); the others never notice."""
     stopping = {"flag": False}
 
     def handle(signum, frame):
@@ -119,14 +188,10 @@ def run_until_signalled(group: ProcessGroup, on_start_message: str) -> int:
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     print(on_start_message, flush=True)
     try:
-        exited = group.first_exit(should_stop=lambda: stopping["flag"])
+        group.supervise(should_stop=lambda: stopping["flag"])
     finally:
         print("stopping...", flush=True)
         group.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if exited is not None:
-        name, code = exited
-        print(f"{name} exited with code {code}; see {group.log_dir / (name + '.log')}", file=sys.stderr)
-        return 1
     return 0
