@@ -213,8 +213,8 @@ class _Budget:
     def decoded_bytes(self, size: int, where: str) -> None:
         self.decoded += size
         if self.decoded > self.limits.decoded_bytes:
-            raise DatasetError(f"{self.name}, {where}: the data decodes to more than "
-                               f"{_mib(self.limits.decoded_bytes)}, the limit on a dataset's decoded size; "
+            raise DatasetError(f"{self.name}, {where}: the data decodes to {_mib(self.decoded)} or more, over "
+                               f"the {_mib(self.limits.decoded_bytes)} limit on a dataset's decoded size; "
                                "raise MORA_MAX_DECODED_MB to accept it")
 
     def row(self, number: int) -> None:
@@ -224,8 +224,8 @@ class _Budget:
                                "dataset's rows; raise MORA_MAX_ROWS or split the file")
 
     def row_too_big(self, where: str, size: str) -> DatasetError:
-        return DatasetError(f"{self.name}, {where}: {size}, over the {_mib(self.limits.row_bytes)} limit on one "
-                            "row; raise MORA_MAX_ROW_MB or split the row")
+        return DatasetError(f"{self.name}, {where}: {size} (the limit on one row is {_mib(self.limits.row_bytes)}); "
+                            "raise MORA_MAX_ROW_MB or split the row")
 
 
 _BOM = b"\xef\xbb\xbf"
@@ -314,8 +314,8 @@ def _json_rows(path: Path, budget: _Budget) -> Iterator[Row]:
     (MORA_MAX_ROW_MB) as well as the decoded one; for a bigger file, JSONL reads one row at a time."""
     size = path.stat().st_size
     if size > budget.limits.row_bytes:
-        raise budget.row_too_big("the whole file", f"{_mib(size)} in one JSON list, which is read whole; save it as "
-                                 "JSONL (one object per line), which is read a row at a time, or")
+        raise budget.row_too_big("the whole file", f"a JSON list of {_mib(size)}, which is read whole; save it as "
+                                 "JSONL (one object per line, read a row at a time)")
     text = "".join(line for _, line in _lines(path, budget))
 
     def syntax_error(error: json.JSONDecodeError) -> DatasetError:
@@ -426,8 +426,9 @@ def _check_parquet_footer(path: Path, parquet: pyarrow.parquet.ParquetFile, budg
         if row_group.num_rows and group_plain > budget.limits.row_bytes * row_group.num_rows:
             rows = f"row {first_row}" if row_group.num_rows == 1 else \
                 f"rows {first_row}-{first_row + row_group.num_rows - 1}"
-            raise budget.row_too_big(rows, f"{_mib(group_plain)} decoded in {row_group.num_rows:,} row(s), so at "
-                                           "least one row is")
+            found = f"{_mib(group_plain)} decoded" if row_group.num_rows == 1 else \
+                f"{_mib(group_plain)} decoded in {row_group.num_rows:,} rows, so at least one row is over the limit"
+            raise budget.row_too_big(rows, found)
         plain += group_plain
         first_row += row_group.num_rows
     budget.decoded_bytes(plain, "from its footer")
@@ -454,7 +455,7 @@ def _parquet_rows(path: Path, budget: _Budget) -> Iterator[Row]:
                 [batch.slice(i, 1) for i in range(batch.num_rows)]
             for part in rows:
                 if part.num_rows == 1 and part.nbytes > budget.limits.row_bytes:
-                    raise budget.row_too_big(f"row {number + 1}", _mib(part.nbytes))
+                    raise budget.row_too_big(f"row {number + 1}", f"{_mib(part.nbytes)} decoded")
                 for row in part.to_pylist():
                     number += 1
                     yield number, row

@@ -163,6 +163,17 @@ BAD_FILES = {
     "mixed_schemas.jsonl": r"mixed_schemas\.jsonl, row 3: the row is alpaca \('instruction', 'output'\) but row 1 "
                            r"is chat \('messages'\); use one format per file",
     "spreadsheet.xlsx": r"spreadsheet\.xlsx: unsupported file type '\.xlsx'; expected one of \.jsonl",
+    "nan_value.jsonl": r"nan_value\.jsonl, row 2: NaN is not a JSON value \(JSON has no NaN or Infinity\)",
+    "infinity.jsonl": r"infinity\.jsonl, row 2: -Infinity is not a JSON value",
+    "deep_nesting.jsonl": r"deep_nesting\.jsonl, row 2: nested too deeply to read .*; flatten the row",
+    "huge_integer.jsonl": r"huge_integer\.jsonl, row 3: an integer of 5,000 digits .*write it as a string",
+    "nul_byte.jsonl": r"nul_byte\.jsonl, line 2: a NUL byte \(0x00\) at column 36; this is a binary file",
+    # 519 bytes: one string of 1 MB, dictionary-encoded, repeated 10,000 times (10 GB decoded).
+    "dictionary_bomb.parquet": r"dictionary_bomb\.parquet, dictionary-encoded column\(s\) 'text': the data decodes "
+                               r"to [\d,.]+ MiB or more, over the 4,096\.0 MiB limit .*raise MORA_MAX_DECODED_MB",
+    # 6.5 KB: one zstd page that inflates to a 200 MB cell.
+    "compressed_page_bomb.parquet": r"compressed_page_bomb\.parquet, row 1: 190\.7 MiB decoded \(the limit on one "
+                                    r"row is 16\.0 MiB\); raise MORA_MAX_ROW_MB",
 }
 
 
@@ -395,3 +406,60 @@ def test_preview_of_text_is_the_packed_blocks(tmp_path, tokenizer):
     shown = preview(path, tokenizer, max_length=16, n=2)
     blocks = build_datasets(path, tokenizer, max_length=16).train[:2]
     assert shown == [[(tokenizer.decode(b["input_ids"]), True)] for b in blocks]
+
+
+# --- limits --------------------------------------------------------------------------------------------------------
+
+def test_row_count_limit_is_checked_while_reading(tmp_path, monkeypatch):
+    monkeypatch.setenv("MORA_MAX_ROWS", "3")
+    path = write_jsonl(tmp_path / "four.jsonl", CHAT_ROWS + CHAT_ROWS[:1])
+    with pytest.raises(DatasetError, match=r"^four\.jsonl, row 4: more than 3 rows.*raise MORA_MAX_ROWS"):
+        inspect_dataset(path)
+    pd.DataFrame({"text": ["a", "b", "c", "d"]}).to_parquet(tmp_path / "four.parquet")
+    with pytest.raises(DatasetError, match=r"^four\.parquet: 4 rows, more than 3.*raise MORA_MAX_ROWS"):
+        inspect_dataset(tmp_path / "four.parquet")
+
+
+@pytest.mark.parametrize("name, content, where", [
+    ("long.jsonl", json.dumps({"text": "x" * 2**20}) + "\n", r"line 1: a line of more than 1\.0 MiB"),
+    ("long.txt", "short\n\n" + ("y" * 1000 + "\n") * 1100, r"line 3: a paragraph of more than 1\.0 MiB"),
+    ("long.csv", 'text\n"' + ("z" * 1000 + "\n") * 1100 + '"\n', r"row 2: a cell of more than 1\.0 MiB"),
+    ("long.json", json.dumps([{"text": "x" * 2**20}]), r"the whole file: a JSON list of 1\.0 MiB"),
+])
+def test_one_row_over_the_row_limit_is_refused(tmp_path, monkeypatch, name, content, where):
+    monkeypatch.setenv("MORA_MAX_ROW_MB", "1")
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DatasetError, match=rf"^{name.replace('.', '[.]')}, {where}.*raise MORA_MAX_ROW_MB"):
+        inspect_dataset(tmp_path / name)
+
+
+def test_decoded_size_limit_counts_text_and_parquet(tmp_path, monkeypatch):
+    monkeypatch.setenv("MORA_MAX_DECODED_MB", "1")
+    path = write_jsonl(tmp_path / "many.jsonl", [{"text": "w" * 1000}] * 1100)
+    with pytest.raises(DatasetError, match=r"^many\.jsonl, line 10\d\d: the data decodes to 1\.0 MiB or more, over "
+                                           r"the 1\.0 MiB limit"):
+        inspect_dataset(path)
+    pd.DataFrame({"text": [f"{i:04d}" + "v" * 2000 for i in range(1000)]}).to_parquet(tmp_path / "wide.parquet")
+    with pytest.raises(DatasetError, match=r"^wide\.parquet, .*over the 1\.0 MiB limit.*MORA_MAX_DECODED_MB"):
+        inspect_dataset(tmp_path / "wide.parquet")
+
+
+def test_a_bad_limit_setting_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("MORA_MAX_ROWS", "lots")
+    with pytest.raises(ValueError, match="MORA_MAX_ROWS must be a positive whole number, found 'lots'"):
+        inspect_dataset(write_jsonl(tmp_path / "c.jsonl", CHAT_ROWS))
+
+
+def test_preview_rows_keep_long_values_short(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "q" * 10_000, "tags": [[[[[[[[[["deep"]]]]]]]]]]}])
+    [row] = inspect_dataset(path).preview_rows
+    assert row["text"] == "q" * 2000 + "…" and "deep" not in json.dumps(row)
+
+
+def test_preview_reads_only_the_rows_it_shows(tmp_path, tokenizer):
+    rows = [chat(f"Question {i}?", f"Answer {i}.") for i in range(2000)]
+    rows[1999] = {"messages": "oops"}
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.raises(DatasetError, match="row 2000"):
+        inspect_dataset(path)
+    assert len(preview(path, tokenizer, max_length=64, n=3)) == 3
