@@ -7,7 +7,7 @@ from typing import Any, Iterable, Optional
 
 from app import settings
 from storage.repo import Store
-from storage.records import RunRecord
+from storage.records import ArtifactRecord, RunRecord, RunsPage
 from workers import api
 from workers.train_config import ConfigError, TrainConfig
 
@@ -31,7 +31,8 @@ class StudioService:
     def submit(self, config: TrainConfig | dict[str, Any], name: str = "", tags: Iterable[str] = (),
                group_name: Optional[str] = None, dataset_id: Optional[int] = None,
                parent: Optional[RunRecord] = None) -> RunRecord:
-        """Record a run as queued and send it to the training queue; answers at once."""
+        """Record a run as queued and send it to the training queue; answers at once. Both happen or neither: a run
+        whose task cannot be sent (Redis down) is removed again, and the user gets the reason."""
         if isinstance(config, dict):
             config = TrainConfig.from_dict(config)
         config.validate()
@@ -46,7 +47,13 @@ class StudioService:
         run_dir = self.runs_dir / run.id
         run_dir.mkdir(parents=True, exist_ok=True)
         run = self.store.set_output(run.id, run_dir=str(run_dir))
-        api.submit_training(run.id, resolved.to_dict(), str(run_dir), resume_from=parent.run_dir if parent else None)
+        try:
+            api.submit_training(run.id, resolved.to_dict(), str(run_dir),
+                                resume_from=parent.run_dir if parent else None)
+        except api.QueueUnavailable as error:
+            self.store.delete_run(run.id)
+            run_dir.rmdir()
+            raise ServiceError(f"the run was not queued: {error}") from None
         return run
 
     def cancel(self, run_id: str) -> RunRecord:
@@ -90,6 +97,27 @@ class StudioService:
     def logs(self, run_id: str, after_seq: int = -1) -> list:
         self.store.get_run(run_id)
         return self.store.run_logs(run_id, after_seq=after_seq)
+
+    # -- what the Runs tab reads (its views go through these, never the store) -----------------------------------
+
+    def runs_page(self, **query: Any) -> RunsPage:
+        """One page of the runs table (filters, sort, offset, limit as `Store.runs_page` takes them)."""
+        return self.store.runs_page(**query)
+
+    def runs_by_id(self, run_ids: Iterable[str]) -> list[RunRecord]:
+        return self.store.runs_by_id(run_ids)
+
+    def sampled_curves(self, run_ids: Iterable[str], names: Iterable[str], buckets: int,
+                       step_range: Optional[tuple[int, int]] = None) -> dict[str, dict[str, list]]:
+        """At most `buckets` points a curve, each bucket's last point with its min and max, chosen by the store."""
+        return self.store.sampled_series(run_ids, names, buckets=buckets, step_range=step_range)
+
+    def metric_series(self, run_ids: Iterable[str], names: Optional[Iterable[str]] = None) -> dict:
+        """Every stored point (for exports, not for drawing)."""
+        return self.store.metric_series(run_ids, names)
+
+    def artifacts(self, run_id: str) -> list[ArtifactRecord]:
+        return self.store.get_artifacts(run_id)
 
 
 __all__ = ["StudioService", "ServiceError", "ConfigError"]

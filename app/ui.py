@@ -6,12 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
-from app import bench, chat_view, datasets, runs_view, settings, system_view, train_view
-from app.charts import effective_rank_figure, loss_figure
+from app import bench, chat_view, datasets, runs_dashboard, runs_view, settings, system_view, train_view
 from app.service import ServiceError, StudioService
-from storage.repo import StorageError
+from storage.repo import STATUSES, StorageError
 from workers.data import FORMATS
 from workers.models import list_models
 from workers.train_config import ADAPTERS, DTYPES, MORA_VARIANTS, SCHEDULES, ConfigError
@@ -215,13 +213,26 @@ def train_tab(service: StudioService) -> dict[str, Any]:
 
 def runs_tab(service: StudioService) -> dict[str, Any]:
     with gr.Tab("Runs", id="runs") as tab:
+        with gr.Row():
+            status_filter = gr.Dropdown(["", *STATUSES], value="", label="Status", scale=1)
+            adapter_filter = gr.Dropdown(["", *ADAPTERS], value="", label="Adapter", scale=1)
+            tag_filter = gr.Textbox(label="Tag", max_length=runs_dashboard.MAX_SEARCH, scale=1)
+            group_filter = gr.Textbox(label="Group", max_length=runs_dashboard.MAX_SEARCH, scale=1)
+            search = gr.Textbox(label="Name contains", max_length=runs_dashboard.MAX_SEARCH, scale=2,
+                                elem_id="runs-search")
+            sort = gr.Dropdown(list(runs_dashboard.SORTS), value="newest", label="Sort", scale=1)
+            page = gr.Number(value=1, precision=0, minimum=1, label="Page", scale=1, elem_id="runs-page")
+        page_note = gr.Markdown(elem_id="runs-page-note")
         table = gr.Dataframe(headers=list(runs_view.RUN_COLUMNS), interactive=False, label="Queue and history",
                              elem_id="runs-table")
-        selected = gr.CheckboxGroup([], label="Compare runs (curves update live)", elem_id="compare")
+        selected = gr.CheckboxGroup([], label=f"Compare runs (curves update live; at most "
+                                              f"{runs_dashboard.MAX_SELECTED})", elem_id="compare")
         with gr.Row():
             x_axis = gr.Radio(["step", "epoch", "tokens"], value="step", label="x-axis")
             smoothing = gr.Slider(0, 0.99, value=0.0, step=0.01, label="Smoothing")
             log_scale = gr.Checkbox(False, label="Log scale")
+            zoom_from = gr.Number(value=None, precision=0, minimum=0, label="Zoom: from step", elem_id="zoom-from")
+            zoom_to = gr.Number(value=None, precision=0, minimum=0, label="to step (0: the last)", elem_id="zoom-to")
         curves = gr.Plot(label="Loss", elem_id="loss-plot")
         with gr.Row():
             diff = gr.Dataframe(label="Config differences", interactive=False)
@@ -245,31 +256,29 @@ def runs_tab(service: StudioService) -> dict[str, Any]:
                 paper_refresh = gr.Button("Show results", scale=1, elem_id="paper-show")
             paper_table = gr.Markdown(elem_id="paper-table")
             paper_figure = gr.Plot(label="Loss and character accuracy", elem_id="paper-figure")
-        known_runs = gr.State([])
+        dashboard = gr.State(None)
         timer = gr.Timer(1.0)
 
-    def refresh(run_ids, x, smooth, log, known):
-        runs = service.runs()
-        ids = [r.id for r in runs]
-        rows = runs_view.runs_table_rows(runs, disk_use=system_view.run_disk_use(runs))
-        choices = [(f"{r.name} · {r.id}", r.id) for r in runs]
-        run_updates = (gr.CheckboxGroup(choices=choices), gr.Dropdown(choices=choices), ids) if ids != known else (
-            gr.skip(), gr.skip(), known)
-        figure, diff_rows, metric_rows, rank_figure = compare(run_ids or [], x, smooth, log)
-        return (rows, *run_updates, figure, diff_rows, metric_rows, rank_figure)
+    def refresh(state, status, adapter, tag, group, text, order, page_number, run_ids, x, smooth, log, first,
+                last):
+        """One tick (`app.runs_dashboard`): only the parts that changed are sent."""
+        try:
+            query = runs_dashboard.RunsQuery(status or "", adapter or "", tag or "", group or "", text or "",
+                                             order or "newest", max(1, int(page_number or 1)) - 1)
+            view = runs_dashboard.CurveView(tuple(run_ids or ()), x, float(smooth), bool(log),
+                                            runs_dashboard.zoom_range(first, last))
+            result = runs_dashboard.tick(service, state, query, view)
+        except FRIENDLY_ERRORS as error:
+            return (state, gr.skip(), gr.skip(), gr.skip(), f"⚠️ {error}", *([gr.skip()] * 4))
 
-    def compare(run_ids, x, smooth, log):
-        by_id = {r.id: r for r in service.runs()}
-        chosen_runs = [by_id[i] for i in run_ids if i in by_id]
-        labels = runs_view.run_labels(chosen_runs)
-        series = service.store.metric_series([r.id for r in chosen_runs], ["loss", "eval_loss"])
-        artifacts = {r.id: runs_view.primary_artifact(service.store.get_artifacts(r.id)) for r in chosen_runs}
-        diff_table = pd.DataFrame(runs_view.config_diff(chosen_runs),
-                                  columns=["setting", *(labels[r.id] for r in chosen_runs)])
-        metrics_table = pd.DataFrame(runs_view.adapter_metrics_rows(chosen_runs, artifacts),
-                                     columns=list(runs_view.ADAPTER_COLUMNS))
-        return (loss_figure(series, labels, x_axis=x, smoothing=smooth, log_scale=log), diff_table, metrics_table,
-                effective_rank_figure(artifacts, labels))
+        def sent(value):
+            return gr.skip() if value is runs_dashboard.UNCHANGED else value
+
+        choices = result.choices
+        choice_updates = ((gr.skip(), gr.skip()) if choices is runs_dashboard.UNCHANGED
+                          else (gr.CheckboxGroup(choices=choices), gr.Dropdown(choices=choices)))
+        return (result.state, sent(result.table), *choice_updates, sent(result.page_note), sent(result.figure),
+                sent(result.diff), sent(result.metrics), sent(result.ranks))
 
     def act(action, run_id, name):
         if not run_id:
@@ -289,7 +298,7 @@ def runs_tab(service: StudioService) -> dict[str, Any]:
                 service.delete(run_id)
                 return f"deleted run `{run_id}`", gr.skip()
             run = service.run(run_id)
-            series = service.store.metric_series([run_id], None)
+            series = service.metric_series([run_id], None)
             path = runs_view.write_metrics_csv(run, series, settings.exports_dir())
             return f"exported {path.name}", str(path)
         except FRIENDLY_ERRORS as error:
@@ -310,13 +319,15 @@ def runs_tab(service: StudioService) -> dict[str, Any]:
 
     paper_results.expand(memorize_groups, None, paper_group)
     paper_refresh.click(paper_view, paper_group, [paper_table, paper_figure])
-    outputs = [table, selected, chosen, known_runs, curves, diff, metrics, ranks]
-    inputs = [selected, x_axis, smoothing, log_scale, known_runs]
+    outputs = [dashboard, table, selected, chosen, page_note, curves, diff, metrics, ranks]
+    inputs = [dashboard, status_filter, adapter_filter, tag_filter, group_filter, search, sort, page, selected, x_axis,
+              smoothing, log_scale, zoom_from, zoom_to]
     timer.tick(refresh, inputs, outputs, show_progress="hidden")
     tab.select(refresh, inputs, outputs, show_progress="hidden")
-    for control in (selected, x_axis, smoothing, log_scale):
-        control.change(compare, [selected, x_axis, smoothing, log_scale], [curves, diff, metrics, ranks],
-                       show_progress="hidden")
+    for control in (selected, x_axis, smoothing, log_scale, status_filter, adapter_filter, sort, page):
+        control.change(refresh, inputs, outputs, show_progress="hidden")
+    for box in (tag_filter, group_filter, search, zoom_from, zoom_to):
+        box.submit(refresh, inputs, outputs, show_progress="hidden")
     for button, action in ((cancel, "cancel"), (resume, "resume"), (rename, "rename"), (delete, "delete"),
                            (export, "export")):
         button.click(lambda run_id, name, action=action: act(action, run_id, name), [chosen, new_name],

@@ -351,6 +351,15 @@ class Store:
         with self._unit() as session:
             return [_record(RunRecord, run) for run in session.scalars(query)]
 
+    def runs_by_id(self, run_ids: Iterable[str]) -> list[RunRecord]:
+        """The runs with these ids, in the order asked, leaving out ids that no longer exist (one query)."""
+        run_ids = list(dict.fromkeys(_strings("run_ids", run_ids)))
+        if not run_ids:
+            return []
+        with self._unit() as session:
+            found = {run.id: _record(RunRecord, run) for run in session.scalars(select(Run).where(Run.id.in_(run_ids)))}
+        return [found[run_id] for run_id in run_ids if run_id in found]
+
     def runs_page(self, *, status: Optional[str] = None, adapter: Optional[str] = None, tag: Optional[str] = None,
                   group_name: Optional[str] = None, search: Optional[str] = None, sort: str = "created_at",
                   descending: bool = True, offset: int = 0, limit: int = 25) -> RunsPage:

@@ -57,3 +57,9 @@ def test_sorting_puts_missing_values_last(store, runs):
 def test_bad_page_requests_are_refused(store, runs, arguments, problem):
     with pytest.raises(StorageError, match=problem):
         store.runs_page(**arguments)
+
+
+def test_runs_by_id_keeps_the_order_asked_and_skips_the_gone(store, runs):
+    wanted = [runs[3].id, "gone", runs[1].id, runs[3].id]
+    assert [r.id for r in store.runs_by_id(wanted)] == [runs[3].id, runs[1].id]
+    assert store.runs_by_id([]) == []
