@@ -16,7 +16,10 @@ import redis
 from workers import bus
 from celery import Celery
 
-from workers.celery_app import CHAT_QUEUE, CHAT_TASK, TRAIN_QUEUE, TRAIN_TASK, UTILITY_QUEUE, UTILITY_TASK, make_celery
+from kombu.exceptions import OperationalError
+
+from workers.celery_app import (CHAT_QUEUE, CHAT_TASK, SENT_TTL_S, TRAIN_QUEUE, TRAIN_TASK, UTILITY_QUEUE, UTILITY_TASK,
+                                make_celery, sent_key)
 from workers.settings import redis_url
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -46,10 +49,27 @@ def client() -> redis.Redis:
     return _client(redis_url() or DEFAULT_URL)
 
 
+class QueueUnavailable(RuntimeError):
+    """The broker could not take a job: Redis is down or unreachable. The message says what to start or set."""
+
+
 def submit_training(run_id: str, config: dict[str, Any], run_dir: str, resume_from: Optional[str] = None) -> None:
-    """Queue a training job; the run record must already exist in the store as `queued`."""
-    _celery(redis_url() or DEFAULT_URL).send_task(TRAIN_TASK, args=[run_id, config, run_dir, resume_from],
-                                                  queue=TRAIN_QUEUE)
+    """Queue a training job; the run record must already exist in the store as `queued`. Marks it sent first (the
+    reconciler re-sends a queued run whose mark a Redis restart erased); raises `QueueUnavailable` if Redis is down."""
+    url = redis_url() or DEFAULT_URL
+    try:
+        client().set(sent_key(run_id), "1", ex=SENT_TTL_S)
+        _celery(url).send_task(TRAIN_TASK, args=[run_id, config, run_dir, resume_from], queue=TRAIN_QUEUE,
+                               retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+    except (redis.RedisError, OSError, OperationalError) as error:
+        raise QueueUnavailable(
+            f"cannot reach the queue's Redis at {_without_password(url)} ({error}); start the studio with "
+            "`mora-studio up`, or set REDIS_URL to the studio's Redis") from error
+
+
+def _without_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if "@" in rest else url
 
 
 def request_cancel(run_id: str) -> None:

@@ -19,6 +19,13 @@ UTILITY_QUEUE = "utility"  # its own worker process, so a preview or a budget ne
 TRAIN_TASK = "mora.train_run"
 CHAT_TASK = "mora.chat_generate"
 UTILITY_TASK = "mora.utility"  # small request/reply calls (preview, budget) the web process cannot do without torch
+SENT_TTL_S = 30 * 24 * 3600
+
+
+def sent_key(run_id: str) -> str:
+    """Set when a run's training task is sent. The embedded Redis keeps nothing, so after a restart the key is gone
+    together with the queued task: that is how the reconciler (`workers.reconciler`) knows to send it again."""
+    return f"mora:run:{run_id}:sent"
 
 
 def make_celery(broker_url: str | None = None) -> Celery:
