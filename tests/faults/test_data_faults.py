@@ -57,8 +57,8 @@ def test_the_dictionary_bomb_is_refused_in_little_memory():
 
 
 def test_validating_fifty_megabytes_of_jsonl_stays_small(tmp_path):
-    """Reading the whole file into Python objects (as before) took about 30x its size."""
+    """Reading the whole file into Python objects, as before, peaked at about 190 MB above idle here; now about 2 MB."""
     path = write_chat_jsonl(tmp_path / "big.jsonl", 50)
     result = measure("web", path)
     assert re.match(r"big\.jsonl: \d+ rows, jsonl, chat format", result["message"]), result
-    assert result["peak_above_idle_mb"] < 150, result
+    assert result["peak_above_idle_mb"] < 50, result
