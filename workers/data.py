@@ -47,8 +47,8 @@ import pyarrow.parquet
 
 from workers import settings
 
-from workers.data_render import (IGNORE_INDEX, Conversation, DataReport, Example, Features, chat_renderer,
-                                 document_tokens, encode_conversations, pack, prepare)
+from workers.data_render import (IGNORE_INDEX, Conversation, DataReport, Example, Features, TokenizedExamples,
+                                 chat_renderer, document_tokens, encode_conversations, pack, prepare, write_examples)
 
 if TYPE_CHECKING:
     import torch
@@ -552,14 +552,6 @@ class _DatasetStream:
                            columns=list(self.columns), preview_rows=self.preview_rows)
 
 
-def read_dataset(path: Union[str, Path]) -> tuple[DatasetInfo, list[Example]]:
-    """Read and validate every row of a dataset file into examples for training; raise `DatasetError` at the first
-    problem. All rows are checked, not a sample, so that a run never fails an hour in on row 40,000."""
-    stream = _DatasetStream(path)
-    examples = list(stream.examples())
-    return stream.info(), examples
-
-
 def inspect_dataset(path: Union[str, Path]) -> DatasetInfo:
     """Validate a dataset file and describe it (format, schema, row count, columns, first rows) for the Data tab,
     streaming: it keeps no example, so the web process's memory does not grow with the file."""
@@ -571,22 +563,25 @@ def inspect_dataset(path: Union[str, Path]) -> DatasetInfo:
 
 @dataclass
 class PreparedData:
-    """Train and eval examples, each {input_ids, labels, attention_mask} as lists, ready for `collate`."""
+    """Train and eval examples, each {input_ids, labels, attention_mask}, memory-mapped, ready for `collate`."""
 
-    train: list[Features]
-    eval: list[Features]
+    train: TokenizedExamples
+    eval: TokenizedExamples
     report: DataReport
     info: DatasetInfo
 
 
-def _split(examples: list[Example], fraction: float, seed: int, name: str) -> tuple[list[Example], list[Example]]:
-    """Hold out rows at random, the same rows for the same seed; file order is kept within each split."""
-    count = max(1, round(len(examples) * fraction))
-    if count >= len(examples):
-        raise DatasetError(f"{name}: eval_fraction={fraction} of {len(examples)} rows leaves no row to train on")
-    held_out = set(random.Random(seed).sample(range(len(examples)), count))
-    train = [e for i, e in enumerate(examples) if i not in held_out]
-    return train, [e for i, e in enumerate(examples) if i in held_out]
+def _held_out(rows: int, fraction: float, seed: int, name: str) -> set[int]:
+    """Positions of the rows held out at random, the same rows for the same seed."""
+    count = max(1, round(rows * fraction))
+    if count >= rows:
+        raise DatasetError(f"{name}: eval_fraction={fraction} of {rows} rows leaves no row to train on")
+    return set(random.Random(seed).sample(range(rows), count))
+
+
+def _examples(path: Union[str, Path], keep: Callable[[int], bool] = lambda position: True) -> Iterator[Example]:
+    """The file's examples again, streaming, those whose 0-based position `keep` accepts."""
+    return (example for position, example in enumerate(_DatasetStream(path).examples()) if keep(position))
 
 
 def _nothing_left(name: str, split: str, report: DataReport, max_length: int) -> DatasetError:
@@ -599,50 +594,57 @@ def _nothing_left(name: str, split: str, report: DataReport, max_length: int) ->
 
 def build_datasets(path: Union[str, Path], tokenizer: PreTrainedTokenizerBase, max_length: int,
                    eval_path: Union[str, Path, None] = None, eval_fraction: float = 0.0,
-                   seed: int = 0, pack_text: bool = True) -> PreparedData:
+                   seed: int = 0, pack_text: bool = True, cache_dir: Optional[Path] = None) -> PreparedData:
     """Validate, render, tokenize and split a dataset file for training.
 
     Eval comes from `eval_path`, or from `eval_fraction` of the rows chosen with `seed`. Rows are split before
     rendering and packing, so no eval row reaches a training example. A dropped row of the eval file is reported
     with the eval file's name before its reason, since its row number is that file's. With `pack_text=False` each raw
     text document is an example of its own instead of being packed into blocks with others.
+
+    The file is read in streaming passes (validate and count, then train rows, then eval rows), and tokenized
+    examples go to Arrow files under `cache_dir` (default: the data folder's `cache`) as they are made, so memory
+    does not grow with the file.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
-    info, examples = read_dataset(path)
+    info = inspect_dataset(path)
     name = info.path.name
     if not 0.0 <= eval_fraction < 1.0:
         raise DatasetError(f"{name}: eval_fraction must be in [0, 1), got {eval_fraction}")
-    report = DataReport(rows_in=len(examples))
+    report = DataReport(rows_in=info.rows)
     eval_name = None
+    train_examples: Iterable[Example] = _examples(path)
+    eval_examples: Iterable[Example] = []
     if eval_path is not None:
         if eval_fraction:
             raise DatasetError(f"{name}: give an eval file or an eval fraction, not both")
-        eval_info, eval_examples = read_dataset(eval_path)
+        eval_info = inspect_dataset(eval_path)
         eval_name = eval_info.path.name
         if (eval_info.schema == "text") != (info.schema == "text"):
             raise DatasetError(f"{eval_name}: the eval file is {eval_info.schema} but the training file {name} is "
                                f"{info.schema}; both must be conversations, or both raw text")
-        report.rows_in += len(eval_examples)
+        report.rows_in += eval_info.rows
+        eval_examples = _examples(eval_path)
     elif eval_fraction:
-        examples, eval_examples = _split(examples, eval_fraction, seed, name)
-        report.notes.append(f"eval: {len(eval_examples)} of {info.rows} rows, chosen with seed {seed}")
-    else:
-        eval_examples = []
+        held_out = _held_out(info.rows, eval_fraction, seed, name)
+        train_examples = _examples(path, lambda position: position not in held_out)
+        eval_examples = _examples(path, held_out.__contains__)
+        report.notes.append(f"eval: {len(held_out)} of {info.rows} rows, chosen with seed {seed}")
     renderer = None if info.schema == "text" else chat_renderer(tokenizer, report)
-    train = prepare(examples, tokenizer, renderer, max_length, report, "train", pack_text)
+    cache = cache_dir or settings.data_dir() / "cache"
+    train = write_examples(prepare(train_examples, tokenizer, renderer, max_length, report, "train", pack_text),
+                           cache, report)
     if not train:
         raise _nothing_left(name, "training", report, max_length)
     train_drops = len(report.dropped)
-    evaluation = prepare(eval_examples, tokenizer, renderer, max_length, report, "eval", pack_text)
+    evaluation = write_examples(prepare(eval_examples, tokenizer, renderer, max_length, report, "eval", pack_text),
+                                cache, report)
     if eval_name:
         report.dropped[train_drops:] = [(row, f"{eval_name}: {reason}") for row, reason in report.dropped[train_drops:]]
-    if eval_examples and not evaluation:
+    if (eval_path is not None or eval_fraction) and not evaluation:
         raise _nothing_left(eval_name or name, "eval", report, max_length)
-    examples_out = train + evaluation
-    report.examples_out = len(examples_out)
-    report.total_tokens = sum(len(e["input_ids"]) for e in examples_out)
-    report.trained_tokens = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples_out)
+    report.examples_out = len(train) + len(evaluation)
     return PreparedData(train=train, eval=evaluation, report=report, info=info)
 
 
@@ -676,11 +678,11 @@ def preview(path: Union[str, Path], tokenizer: PreTrainedTokenizerBase, max_leng
     report = DataReport(rows_in=0)
     if source.schema is not None and source.schema.name == "text":
         stream: list[int] = []
-        for tokens in document_tokens(examples, tokenizer, report, batch_size=n):
+        for _, tokens in document_tokens(examples, tokenizer, report, batch_size=n):
             stream.extend(tokens)
             if len(stream) >= n * max_length:
                 break
-        blocks = pack(stream, max_length, report, "preview")[:n]
+        blocks = list(islice(pack([stream], max_length, report, "preview"), n))
         return [[(tokenizer.decode(block["input_ids"]), True)] for block in blocks]
     encoded = encode_conversations(examples, chat_renderer(tokenizer, report), max_length, report, batch_size=n)
     return [example.segments() for example in islice(encoded, n)]

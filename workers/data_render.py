@@ -16,18 +16,25 @@ Raw `text` documents are tokenized, each followed by the eos token, concatenated
 document boundaries inside them, as usual for packed pretraining. Without packing (`pack_text=False`), each document
 is one example, cut to `max_length` and padded in its batch.
 
-transformers is imported for type hints only: the web process imports `workers.data` and needs none of it.
+Tokenized examples are written to a memory-mapped Arrow file with `datasets` as they are made, so a big dataset is
+never a list of Python token lists. transformers is imported for type hints only, and `datasets` only when examples
+are written: the web process imports `workers.data` and needs neither.
 """
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import chain, islice
+from itertools import islice
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 
 from jinja2 import TemplateError
 
 if TYPE_CHECKING:
+    import datasets
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -252,54 +259,109 @@ def encode_conversations(examples: Iterable[Example], renderer: ChatRenderer, ma
 
 
 def document_tokens(examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase,
-                    report: DataReport, batch_size: int = TOKENIZE_BATCH) -> Iterator[list[int]]:
-    """Each non-empty document's tokens followed by eos, so the model learns where a document ends."""
+                    report: DataReport, batch_size: int = TOKENIZE_BATCH) -> Iterator[tuple[int, list[int]]]:
+    """Each non-empty document's row and tokens followed by eos, so the model learns where a document ends."""
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     for batch in _batches(examples, batch_size):
         documents = []
         for example in batch:
             if example.content.strip():
-                documents.append(example.content)
+                documents.append(example)
             else:
                 report.dropped.append((example.row, "empty text"))
         if documents:
-            yield from (ids + eos for ids in tokenizer(documents, add_special_tokens=False)["input_ids"])
+            encoded = tokenizer([d.content for d in documents], add_special_tokens=False)["input_ids"]
+            yield from ((d.row, ids + eos) for d, ids in zip(documents, encoded))
 
 
-def pack(stream: list[int], max_length: int, report: DataReport, split: str) -> list[Features]:
-    """Blocks of exactly max_length tokens; a last, shorter block is worth training on only if at least half full."""
-    blocks = [stream[i:i + max_length] for i in range(0, len(stream), max_length)]
-    if blocks and len(blocks[-1]) < max_length:
-        if 2 * len(blocks[-1]) >= max_length:
-            report.notes.append(f"{split}: kept the last block of {len(blocks[-1])} tokens (at least half of "
-                                f"max_length={max_length})")
-        else:
-            report.notes.append(f"{split}: dropped the last {len(blocks.pop())} tokens (less than half of "
-                                f"max_length={max_length})")
-    return [{"input_ids": block, "labels": list(block), "attention_mask": [1] * len(block)} for block in blocks]
+def _block(tokens: list[int]) -> Features:
+    return {"input_ids": tokens, "labels": list(tokens), "attention_mask": [1] * len(tokens)}
 
 
-def unpacked(examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_length: int,
-             report: DataReport) -> list[Features]:
+def pack(token_lists: Iterable[list[int]], max_length: int, report: DataReport, split: str) -> Iterator[Features]:
+    """Blocks of exactly max_length tokens from the documents' tokens laid end to end, holding less than one block
+    besides the document being cut; a last, shorter block is worth training on only if at least half full."""
+    pending: list[int] = []
+    for tokens in token_lists:
+        pending.extend(tokens)
+        full = len(pending) - len(pending) % max_length
+        for start in range(0, full, max_length):
+            yield _block(pending[start:start + max_length])
+        pending = pending[full:]
+    if not pending:
+        return
+    if 2 * len(pending) >= max_length:
+        report.notes.append(f"{split}: kept the last block of {len(pending)} tokens (at least half of "
+                            f"max_length={max_length})")
+        yield _block(pending)
+    else:
+        report.notes.append(f"{split}: dropped the last {len(pending)} tokens (less than half of "
+                            f"max_length={max_length})")
+
+
+def unpacked(examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase, max_length: int,
+             report: DataReport) -> Iterator[Features]:
     """One example per document (its tokens and eos), cut to max_length: what a task needs whose examples must not
     share a sequence, such as key:value pairs recalled one at a time."""
-    rows = [example.row for example in examples if example.content.strip()]
-    features = []
-    for row, tokens in zip(rows, document_tokens(examples, tokenizer, report)):
+    for row, tokens in document_tokens(examples, tokenizer, report):
         if len(tokens) > max_length:
             report.truncated.append(row)
             tokens = tokens[:max_length]
-        features.append({"input_ids": tokens, "labels": list(tokens), "attention_mask": [1] * len(tokens)})
-    return features
+        yield _block(tokens)
 
 
-def prepare(examples: list[Example], tokenizer: PreTrainedTokenizerBase, renderer: Optional[ChatRenderer],
-            max_length: int, report: DataReport, split: str, pack_text: bool = True) -> list[Features]:
+def prepare(examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase, renderer: Optional[ChatRenderer],
+            max_length: int, report: DataReport, split: str, pack_text: bool = True) -> Iterator[Features]:
     """Raw text (no renderer): packed blocks, or one example per document without `pack_text`; else one example
-    per conversation."""
+    per conversation. Lazily: one tokenizer batch of the file at a time."""
     if renderer is None and not pack_text:
         return unpacked(examples, tokenizer, max_length, report)
     if renderer is None:
-        return pack(list(chain.from_iterable(document_tokens(examples, tokenizer, report))), max_length, report,
-                    split)
-    return [encoded.features() for encoded in encode_conversations(examples, renderer, max_length, report)]
+        return pack((tokens for _, tokens in document_tokens(examples, tokenizer, report)), max_length, report, split)
+    return (encoded.features() for encoded in encode_conversations(examples, renderer, max_length, report))
+
+
+class TokenizedExamples(Sequence):
+    """Training examples ({input_ids, labels, attention_mask}) in a memory-mapped Arrow table: indexing reads one
+    example, so the tokenized set is never Python lists in memory. What `Trainer` and `collate` take."""
+
+    def __init__(self, dataset: "datasets.Dataset") -> None:
+        self._dataset = dataset
+
+    def __len__(self) -> int:
+        return self._dataset.num_rows
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._dataset[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"example {index} of {len(self)}")
+        return self._dataset[index]
+
+
+def write_examples(examples: Iterable[Features], cache_dir: Path, report: DataReport) -> TokenizedExamples:
+    """Write examples to an Arrow file with `datasets`, a writer batch at a time, and map it back; count tokens.
+
+    The file is deleted as soon as it is mapped: the mapping keeps its pages readable (POSIX), and nothing is left
+    in the cache folder, even when the worker is killed later.
+    """
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="tokenized-", dir=cache_dir))
+    try:
+        path = folder / "examples.arrow"
+        columns = datasets.Features({key: datasets.List(datasets.Value("int32"))
+                                     for key in ("input_ids", "labels", "attention_mask")})
+        with ArrowWriter(features=columns, path=str(path)) as writer:
+            for example in examples:
+                writer.write(example)
+                report.total_tokens += len(example["input_ids"])
+                report.trained_tokens += sum(label != IGNORE_INDEX for label in example["labels"])
+            writer.finalize()
+        return TokenizedExamples(datasets.Dataset.from_file(str(path), in_memory=False))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

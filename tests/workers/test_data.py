@@ -339,7 +339,7 @@ def test_fraction_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
     again = build_datasets(path, tokenizer, max_length=64, eval_fraction=0.25, seed=0)
     other = build_datasets(path, tokenizer, max_length=64, eval_fraction=0.25, seed=1)
     assert (len(first.train), len(first.eval)) == (15, 5)
-    assert first.train == again.train and first.eval == again.eval
+    assert list(first.train) == list(again.train) and list(first.eval) == list(again.eval)
     assert _answers(tokenizer, first.eval) != _answers(tokenizer, other.eval)
     answers = _answers(tokenizer, first.train) + _answers(tokenizer, first.eval)
     assert sorted(answers) == sorted(f"Answer {i}.{IM_END}" for i in range(20))
