@@ -24,15 +24,16 @@ import pandas as pd
 from app import runs_view, system_view
 from app.charts import EVAL_METRIC, TRAIN_METRIC, effective_rank_figure, loss_figure
 from app.service import StudioService
-from storage.records import RunRecord
+from storage.records import RunRecord, SampledPointRecord
+from storage.repo import TERMINAL_STATUSES
 
 UNCHANGED = object()
 """A part of the page that is already up to date: the view sends nothing for it."""
 PAGE_SIZE = 25
 MAX_SELECTED = 10
 """Runs compared at once: each is a curve in one figure; past ten the colours repeat and the legend stops helping."""
-FIGURE_BUCKETS = 3000
-"""Sampled buckets drawn in the loss figure, shared by the selected runs (so 10 runs get 300 each)."""
+FIGURE_BUCKETS = 2000
+"""Sampled buckets drawn in the loss figure, shared by the selected runs (so 10 runs get 200 each)."""
 MIN_BUCKETS_PER_RUN, MAX_BUCKETS_PER_RUN = 100, 1500
 CURVES = (TRAIN_METRIC, EVAL_METRIC)
 SORTS = {"newest": ("created_at", True), "oldest": ("created_at", False), "name": ("name", False),
@@ -157,6 +158,40 @@ def _choices(page_runs: list[RunRecord], selected: list[RunRecord]) -> list[tupl
     return [(f"{run.name} · {run.id}", run.id) for run in shown.values()]
 
 
+def _extended(service: StudioService, run_id: str, drawn: dict[str, list], budget: int,
+              step_range: Optional[tuple[int, int]]) -> dict[str, list]:
+    """A live run's drawn curves with the points logged since: only steps after the last drawn are read (an index
+    range, so the cost follows the new points, not the run's history), appended, and pairs of buckets merged while
+    a curve holds more than `budget`, keeping each merged bucket's min, max and last point."""
+    last_drawn = min((points[-1].step for points in drawn.values() if points), default=-1)
+    end = step_range[1] if step_range else 2**31 - 1
+    if last_drawn >= end:
+        return drawn
+    fresh = service.sampled_curves([run_id], CURVES, buckets=budget, step_range=(last_drawn + 1, end))[run_id]
+    curves = {}
+    for name in CURVES:
+        old = drawn.get(name, [])
+        after = old[-1].step if old else -1
+        merged = old + [point for point in fresh.get(name, []) if point.step > after]
+        while len(merged) > budget:
+            merged = _coarsened(merged)
+        curves[name] = merged
+    return curves
+
+
+def _coarsened(buckets: list[SampledPointRecord]) -> list[SampledPointRecord]:
+    """Neighbouring buckets merged two by two: half as many, each still with its min, max and last point."""
+    merged = []
+    for first, second in zip(buckets[0::2], buckets[1::2]):
+        lows = [value for value in (first.low, second.low) if value is not None]
+        highs = [value for value in (first.high, second.high) if value is not None]
+        merged.append(replace(second, low=min(lows, default=None), high=max(highs, default=None),
+                              count=first.count + second.count))
+    if len(buckets) % 2:
+        merged.append(buckets[-1])
+    return merged
+
+
 def page_note(page: int, total: int) -> str:
     if total == 0:
         return "No runs match."
@@ -173,14 +208,20 @@ def _refresh_curves(service: StudioService, state: DashboardState, result: Tick,
     versions = {run.id: _version(run) for run in selected}
     sampling_changed = state.view is None or (state.view.step_range, len(state.view.run_ids)) != (
         view.step_range, len(view.run_ids))
-    stale = [run.id for run in selected
-             if sampling_changed or run.id not in state.curves or state.versions.get(run.id) != versions[run.id]]
-    if not stale and view == state.view:
+    budget = buckets_per_run(len(selected))
+    moved = [run for run in selected if run.id in state.curves and state.versions.get(run.id) != versions[run.id]]
+    # Read whole (sampled by the store): a new selection or zoom, runs not drawn yet, and runs that just ended (so
+    # the final curve is the store's own sampling). A live run that moved reads only its steps after the last drawn.
+    whole = [run.id for run in selected if sampling_changed or run.id not in state.curves
+             or (run in moved and run.status in TERMINAL_STATUSES)]
+    growing = [run for run in moved if run.id not in whole]
+    if not whole and not growing and view == state.view:
         return
-    if stale:
-        state.curves = {run_id: curves for run_id, curves in state.curves.items() if run_id in versions}
-        state.curves.update(service.sampled_curves(stale, CURVES, buckets=buckets_per_run(len(selected)),
-                                                   step_range=view.step_range))
+    state.curves = {run_id: curves for run_id, curves in state.curves.items() if run_id in versions}
+    if whole:
+        state.curves.update(service.sampled_curves(whole, CURVES, buckets=budget, step_range=view.step_range))
+    for run in growing:
+        state.curves[run.id] = _extended(service, run.id, state.curves[run.id], budget, view.step_range)
     labels = runs_view.run_labels(selected)
     result.figure = loss_figure({run.id: state.curves[run.id] for run in selected}, labels, x_axis=view.x_axis,
                                 smoothing=view.smoothing, log_scale=view.log_scale)

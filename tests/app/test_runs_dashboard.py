@@ -41,7 +41,7 @@ def test_a_quiet_tick_sends_nothing(service):
     assert len(first.table) == dash.PAGE_SIZE  # one page of 60, not the history
     assert first.page_note == "Runs 1–25 of 60 · page 1 of 3"
     traces = [trace for trace in first.figure.data if trace.name.endswith(" train")]
-    assert len(traces) == 10 and all(len(trace.x) <= dash.buckets_per_run(10) == 300 for trace in traces)
+    assert len(traces) == 10 and all(len(trace.x) <= dash.buckets_per_run(10) == 200 for trace in traces)
     again = dash.tick(service, first.state, dash.RunsQuery(), view, now=NOW)
     assert all(part is dash.UNCHANGED for part in (again.table, again.choices, again.page_note, again.figure,
                                                    again.diff, again.metrics, again.ranks))
@@ -110,3 +110,28 @@ def test_zoom_boxes_become_a_step_range():
         dash.zoom_range(300, 200)
     with pytest.raises(ValueError, match="whole numbers"):
         dash.zoom_range("a", 3)
+
+
+def test_a_live_run_reads_only_its_new_steps_and_stays_bounded(service, monkeypatch):
+    [run] = _make_runs(service, 1)
+    service.store.set_status(run.id, "running")
+    _log(service, run.id, range(10_000))
+    view = dash.CurveView(run_ids=(run.id,))
+    state = dash.tick(service, None, dash.RunsQuery(), view, now=NOW).state
+    ranges = []
+    original = service.sampled_curves
+    monkeypatch.setattr(service, "sampled_curves",
+                        lambda ids, *a, **k: ranges.append(k.get("step_range")) or original(ids, *a, **k))
+    for start in range(10_000, 15_000, 500):
+        service.store.add_metric_points(run.id, [{"name": "loss", "step": s, "value": 99.0 if s == 12_345 else 0.1}
+                                                 for s in range(start, start + 500)])
+        service.store.update_progress(run.id, step=start + 499)
+        state = dash.tick(service, state, dash.RunsQuery(), view, now=NOW).state
+    assert ranges[0] == (10_000, 2**31 - 1) and ranges[-1] == (14_500, 2**31 - 1)  # only what is new
+    curve = state.curves[run.id]["loss"]
+    assert len(curve) <= dash.MAX_BUCKETS_PER_RUN
+    assert sum(bucket.count for bucket in curve) == 15_000
+    assert max(bucket.high for bucket in curve) == 99.0 and curve[-1].step == 14_999
+    service.store.set_status(run.id, "succeeded")  # a run that ends is drawn once more as the store samples it
+    ended = dash.tick(service, state, dash.RunsQuery(), view, now=NOW)
+    assert ranges[-1] is None and ended.figure is not dash.UNCHANGED
