@@ -17,6 +17,7 @@ import redis
 
 STREAM_MAXLEN = 100_000
 STATE_TTL_S = 30 * 24 * 3600
+FINISHED_STREAM_TTL_S = 24 * 3600  # a finished run's stream, kept a day for a late reader, then gone
 HEARTBEAT_TTL_S = 15
 HEARTBEAT_EVERY_S = 5
 WORKER_TTL_S = 30

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import redis
 
-from storage.repo import InvalidTransition, NotFound, Store
+from storage.repo import TERMINAL_STATUSES, InvalidTransition, NotFound, Store
 from workers import bus
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 STEP_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mb")
 # eval_loss from the eval split; char_accuracy and exact_match from a memorisation probe (workers.memorize)
 EVAL_METRICS = ("eval_loss", "char_accuracy", "exact_match")
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class Collector:
@@ -39,6 +38,7 @@ class Collector:
         self.lost_after_s = lost_after_s
         self.lost_check_every_s = lost_check_every_s
         self._missing_since: dict[str, float] = {}
+        self._positions: dict[str, str] = {}
         self._last_lost_check = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,15 +76,35 @@ class Collector:
         if not streams:
             self._stop.wait((block_ms if block_ms is not None else self.block_ms) / 1000)
             return 0
-        positions = {s: self.store.get_stream_position(s) or "0-0" for s in streams}
+        positions = {stream: self._position(stream) for stream in streams}
         replies = self.client.xread(positions, count=1000, block=block_ms if block_ms is not None else self.block_ms)
         handled = 0
         for stream, entries in replies or []:
             events = [json.loads(fields["event"]) for _, fields in entries]
             self.apply(events)
             self.store.set_stream_position(stream, entries[-1][0])
+            self._positions[stream] = entries[-1][0]
             handled += len(events)
+            if any(event["kind"] == "status" and event.get("status") in TERMINAL_STATUSES for event in events):
+                self._retire(stream)
         return handled
+
+    def _position(self, stream: str) -> str:
+        """Where this stream was read up to: from memory, and from the store only the first time (a restarted web
+        process catches up from there), so a poll costs no store query per stream."""
+        if stream not in self._positions:
+            self._positions[stream] = self.store.get_stream_position(stream) or "0-0"
+        return self._positions[stream]
+
+    def _retire(self, stream: str) -> None:
+        """A finished run's stream leaves the poll set and expires: the store holds all of it, and a poll's cost
+        follows the live runs rather than every run ever made. (A late publish, such as a worker's replay after a
+        Redis restart, puts it back in the set.)"""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.srem(bus.STREAMS_SET, stream)
+        pipe.expire(stream, bus.FINISHED_STREAM_TTL_S)
+        pipe.execute()
+        self._positions.pop(stream, None)
 
     # -- writing --------------------------------------------------------------------------------------------------
 
@@ -161,6 +181,7 @@ class Collector:
             if now - since >= self.lost_after_s:
                 self.store.set_status(run_id, "failed", message="worker lost", error="worker lost")
                 bus.set_state(self.client, run_id, "failed")
+                self._retire(bus.stream_key(run_id))
                 del self._missing_since[run_id]
                 lost.append(run_id)
         return lost
