@@ -18,12 +18,23 @@ Other columns are ignored. A `.txt` file holds one document per paragraph: parag
 lines, because prose wraps its lines and a line is rarely a whole thought; rather than the whole file, because a
 file of many short documents would otherwise become one.
 
-JSONL, JSON, CSV and text are parsed here in plain Python rather than with `datasets.load_dataset`, whose errors name
-neither the line nor the field, and whose CSV reader turns an empty cell into a float NaN. Parquet is read with
-pyarrow, the reader `datasets` uses underneath, called directly so that the user's file is not copied into a cache.
+Folders, for `mora-studio train --data FOLDER` (an upload is one file): one written by `Dataset.save_to_disk` (read
+memory-mapped with `datasets.load_from_disk`; a `DatasetDict` gives its `train` split), or a folder of `.parquet` or
+`.jsonl` shards, read in name order as one dataset.
+
+Memory does not grow with the file: every reader streams (a line, a CSV record, a paragraph, a small Parquet batch
+at a time) and `inspect_dataset` keeps no row. Limits on rows, decoded size and one row's size (`Limits`, from
+MORA_MAX_ROWS, MORA_MAX_DECODED_MB, MORA_MAX_ROW_MB) are checked while reading, and for Parquet from the footer
+and the dictionaries before any value is expanded. JSONL, CSV and text are parsed here line by line in plain Python
+rather than with `datasets.load_dataset`, whose errors name neither the line nor the field, and whose CSV reader
+turns an empty cell into a float NaN. Parquet is read with pyarrow, the reader `datasets` uses underneath, called
+directly so that the user's file is not copied into a cache. A `.json` list is one value and is parsed whole, so it
+is held to the one-row limit; JSONL is the format for big files. Tokenized training examples go to Arrow through
+`datasets` (`workers.data_render.write_examples`).
 
 Every problem with the user's file becomes a `DatasetError` naming the file, the row and the field. Row numbers are
-what the user sees in an editor: the line for JSONL, CSV and text, the 1-based position for JSON lists and Parquet.
+what the user sees in an editor: the line for JSONL, CSV and text, the 1-based position for JSON lists, Parquet and
+saved datasets; in a folder of shards, within the shard named.
 
 This module holds the public API (`inspect_dataset`, `build_datasets`, `collate`, `preview`); the work that needs a
 tokenizer is in `workers.data_render`. Importing it loads neither torch nor transformers: the web process calls
@@ -81,7 +92,8 @@ class DatasetInfo:
 
     path: Path
     file_format: str
-    """One of `jsonl`, `json`, `csv`, `parquet`, `text`."""
+    """One of `jsonl`, `json`, `csv`, `parquet`, `text`, or `arrow` for a `Dataset.save_to_disk` folder (a folder of
+    shards has its shards' format)."""
     schema: str
     """One of `chat`, `sharegpt`, `alpaca`, `prompt_completion`, `text`."""
     rows: int
@@ -468,9 +480,33 @@ _READERS: dict[str, Callable[[Path, _Budget], Iterator[Row]]] = {
 }
 
 
+SHARD_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+def _shards(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in SHARD_FORMATS)
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` (state.json) or `DatasetDict.save_to_disk` (dataset_dict.json)."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
 def _file_format(path: Path) -> str:
     if not path.exists():
         raise DatasetError(f"{path.name}: no such file ({path})")
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return "arrow"
+        formats = {SHARD_FORMATS[shard.suffix.lower()] for shard in _shards(path)}
+        if not formats:
+            raise DatasetError(f"{path.name}: not a file, and not a dataset folder: it has neither the files of "
+                               f"Dataset.save_to_disk nor .parquet or .jsonl shards ({path})")
+        if len(formats) > 1:
+            raise DatasetError(f"{path.name}: the folder mixes {' and '.join(sorted(formats))} shards; keep one "
+                               "format per folder")
+        return formats.pop()
     if not path.is_file():
         raise DatasetError(f"{path.name}: not a file ({path})")
     file_format = FORMATS.get(path.suffix.lower())
@@ -478,6 +514,50 @@ def _file_format(path: Path) -> str:
         raise DatasetError(f"{path.name}: unsupported file type '{path.suffix}'; expected one of "
                            f"{', '.join(FORMATS)}")
     return file_format
+
+
+ARROW_BATCH_ROWS = 64
+
+
+def _saved_dataset_rows(folder: Path, budget: _Budget) -> Iterator[Row]:
+    """Rows of a `save_to_disk` folder, memory-mapped by `datasets`, a small batch at a time; its row count and
+    decoded size (the Arrow tables' size) are checked before any row is read."""
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(folder))
+    except (OSError, ValueError, pyarrow.ArrowException) as error:
+        raise DatasetError(f"{folder.name}: not a readable Dataset.save_to_disk folder ({error})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise DatasetError(f"{folder.name}: a DatasetDict without a 'train' split (it has "
+                               f"{_quoted(dataset)}); save the split to train on with Dataset.save_to_disk")
+        dataset = dataset["train"]
+    if dataset.num_rows > budget.limits.rows:
+        raise DatasetError(f"{folder.name}: {dataset.num_rows:,} rows, more than {budget.limits.rows:,}, the limit on "
+                           "a dataset's rows; raise MORA_MAX_ROWS or select fewer rows")
+    budget.decoded_bytes(dataset.data.nbytes, "its Arrow tables")
+    number = 0
+    for batch in dataset.iter(batch_size=ARROW_BATCH_ROWS):
+        for values in zip(*batch.values()):
+            number += 1
+            yield number, dict(zip(batch, values))
+
+
+def _rows(path: Path, file_format: str, budget: _Budget) -> Iterator[tuple[str, int, Any]]:
+    """The raw rows of a file, a saved dataset or a folder of shards; a shard's problems are named by the folder
+    and the shard (`folder/part-0001.jsonl, row 3: ...`), so each row comes with the name its messages use."""
+    if file_format == "arrow":
+        yield from ((path.name, number, row) for number, row in _saved_dataset_rows(path, budget))
+    elif path.is_dir():
+        for shard in _shards(path):
+            name = f"{path.name}/{shard.name}"
+            try:
+                yield from ((name, number, row) for number, row in _READERS[file_format](shard, budget))
+            except DatasetError as error:
+                raise DatasetError(f"{path.name}/{error}") from None
+    else:
+        yield from ((path.name, number, row) for number, row in _READERS[file_format](path, budget))
 
 
 def _preview_value(value: Any, depth: int = 0) -> Any:
@@ -511,10 +591,9 @@ class _DatasetStream:
         self.rows = 0
 
     def examples(self) -> Iterator[Example]:
-        name = self.path.name
         first_row = 0
         try:
-            for number, row in _READERS[self.file_format](self.path, self.budget):
+            for name, number, row in _rows(self.path, self.file_format, self.budget):
                 self.budget.row(number)
                 if not isinstance(row, dict):
                     raise DatasetError(f"{name}, row {number}: each row must be an object with named fields, "
@@ -542,9 +621,9 @@ class _DatasetStream:
                 self.rows += 1
                 yield example
         except OSError as error:
-            raise DatasetError(f"{name}: cannot read the file ({error.strerror or error})") from None
+            raise DatasetError(f"{self.path.name}: cannot read the file ({error.strerror or error})") from None
         if not self.rows:
-            raise DatasetError(f"{name}: the file has no rows")
+            raise DatasetError(f"{self.path.name}: the file has no rows")
 
     def info(self) -> DatasetInfo:
         assert self.schema is not None, "info() after examples() was read to the end"

@@ -463,3 +463,32 @@ def test_preview_reads_only_the_rows_it_shows(tmp_path, tokenizer):
     with pytest.raises(DatasetError, match="row 2000"):
         inspect_dataset(path)
     assert len(preview(path, tokenizer, max_length=64, n=3)) == 3
+
+
+# --- folders -------------------------------------------------------------------------------------------------------
+
+def test_a_save_to_disk_folder_is_read_and_trained(tmp_path, tokenizer):
+    import datasets
+
+    datasets.Dataset.from_list(CHAT_ROWS).save_to_disk(str(tmp_path / "saved"))
+    info = inspect_dataset(tmp_path / "saved")
+    assert (info.file_format, info.schema, info.rows, info.preview_rows) == ("arrow", "chat", 3, CHAT_ROWS)
+    data = build_datasets(tmp_path / "saved", tokenizer, max_length=256)
+    assert [trained_runs(tokenizer, e) for e in data.train][0] == [f"Paris.{IM_END}"]
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(CHAT_ROWS)}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(DatasetError, match=r"^splits: a DatasetDict without a 'train' split \(it has 'test'\)"):
+        inspect_dataset(tmp_path / "splits")
+
+
+def test_a_folder_of_shards_is_one_dataset_and_names_the_shard(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_jsonl(shards / "part-0.jsonl", CHAT_ROWS)
+    write_jsonl(shards / "part-1.jsonl", CHAT_ROWS[:2])
+    assert inspect_dataset(shards).rows == 5
+    write_jsonl(shards / "part-2.jsonl", [CHAT_ROWS[0], {"messages": "oops"}])
+    with pytest.raises(DatasetError, match=r"^shards/part-2\.jsonl, row 2: 'messages' must be a list"):
+        inspect_dataset(shards)
+    pd.DataFrame({"messages": [r["messages"] for r in CHAT_ROWS]}).to_parquet(shards / "part-3.parquet")
+    with pytest.raises(DatasetError, match=r"^shards: the folder mixes jsonl and parquet shards"):
+        inspect_dataset(shards)
