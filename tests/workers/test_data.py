@@ -492,3 +492,20 @@ def test_a_folder_of_shards_is_one_dataset_and_names_the_shard(tmp_path):
     pd.DataFrame({"messages": [r["messages"] for r in CHAT_ROWS]}).to_parquet(shards / "part-3.parquet")
     with pytest.raises(DatasetError, match=r"^shards: the folder mixes jsonl and parquet shards"):
         inspect_dataset(shards)
+
+
+def test_a_dictionary_bomb_inside_messages_is_refused_before_expanding(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("MORA_MAX_DECODED_MB", "1")
+    rows = 2000
+    content = pa.DictionaryArray.from_arrays(pa.array([0] * (2 * rows), pa.int32()), pa.array(["c" * 100_000]))
+    roles = pa.array(["user", "assistant"] * rows)
+    turns = pa.StructArray.from_arrays([roles, content], names=["role", "content"])
+    messages = pa.ListArray.from_arrays(pa.array(range(0, 2 * rows + 1, 2), pa.int32()), turns)
+    pq.write_table(pa.table({"messages": messages}), tmp_path / "nested.parquet", compression="zstd")
+    assert (tmp_path / "nested.parquet").stat().st_size < 20_000
+    with pytest.raises(DatasetError, match=r"^nested\.parquet, dictionary-encoded column\(s\) 'messages': the data "
+                                           r"decodes to [\d,.]+ MiB or more"):
+        inspect_dataset(tmp_path / "nested.parquet")
