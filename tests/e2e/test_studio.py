@@ -15,8 +15,8 @@ from tests.workers.sample_data import write_dataset
 def _plot_points(page) -> dict:
     return page.evaluate("""() => {
         const el = document.querySelector('#loss-plot .js-plotly-plot');
-        if (!el || !el.data) return {};
-        return Object.fromEntries(el.data.filter(t => t.name.endsWith(' train')).map(t => [t.name, t.x.length]));
+        if (!el || !el._fullData) return {};  // _fullData: the traces as drawn, their typed arrays decoded
+        return Object.fromEntries(el._fullData.filter(t => t.name.endsWith(' train')).map(t => [t.name, t.x.length]));
     }""")
 
 
