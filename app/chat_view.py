@@ -18,7 +18,6 @@ import gradio as gr
 from app import datasets
 from app.service import StudioService
 from storage.records import DatasetRecord
-from storage.repo import Store
 from workers import api
 
 log = logging.getLogger(__name__)
@@ -87,16 +86,17 @@ def _bot_updates(session: Optional[dict], reveal: bool = False) -> list:
 def _start(service: StudioService, model: str, chosen: list[str], blind: bool, settings: dict, title: str) -> dict:
     rows = _rows(service, chosen, blind)
     # the title is the first message with its whitespace folded: 80 leading spaces made a blank title the store refused
-    chat = service.store.create_chat(title=" ".join(title.split())[:80] or "chat", base_model=model or "default model",
+    chat = service.create_chat(title=" ".join(title.split())[:80] or "chat", base_model=model or "default model",
                                      adapters=[{"label": r["label"], "run_id": r["run_id"]} for r in rows],
                                      settings=settings)
     return {"chat_id": chat.id, "chosen": list(chosen), "blind": blind, "rows": rows,
             "histories": [[] for _ in rows], "turn": 0, "voted": set(), "model": model}
 
 
-def _store_answers(store: Store, chat_id: int, turn: int, rows: list[dict[str, Any]], texts: list[str]) -> None:
+def _store_answers(service: StudioService, chat_id: int, turn: int, rows: list[dict[str, Any]],
+                   texts: list[str]) -> None:
     for index, row in enumerate(rows):
-        store.add_chat_message(chat_id, turn=turn, role="assistant", content=texts[index] if index < len(texts) else "",
+        service.add_chat_message(chat_id, turn=turn, role="assistant", content=texts[index] if index < len(texts) else "",
                                run_id=row["run_id"], label=row["label"])
 
 
@@ -105,8 +105,9 @@ class AnswerFollower:
     (done, stopped or failed), whether a page still watches or not. Ending without the worker's own last word (the
     worker silent, the stream broken) sets the request's stop flag, so the worker stops as well."""
 
-    def __init__(self, store: Store, chat_id: int, turn: int, rows: list[dict[str, Any]], request_id: str) -> None:
-        self.store, self.chat_id, self.turn, self.rows, self.request_id = store, chat_id, turn, rows, request_id
+    def __init__(self, service: StudioService, chat_id: int, turn: int, rows: list[dict[str, Any]],
+                 request_id: str) -> None:
+        self.service, self.chat_id, self.turn, self.rows, self.request_id = service, chat_id, turn, rows, request_id
         self.latest: dict[str, Any] = {"texts": [""] * len(rows), "done": False, "error": None, "stopped": None}
         self.stored = threading.Event()
         self._changed = threading.Condition()
@@ -134,7 +135,7 @@ class AnswerFollower:
                 except Exception:
                     log.warning("could not set the stop flag of chat request %s", self.request_id)
             try:
-                _store_answers(self.store, self.chat_id, self.turn, self.rows, self.latest["texts"])
+                _store_answers(self.service, self.chat_id, self.turn, self.rows, self.latest["texts"])
             except Exception:
                 log.exception("could not store the answers of chat %s, turn %s", self.chat_id, self.turn)
             with self._changed:
@@ -199,7 +200,7 @@ def send(service: StudioService, model: str, chosen: list[str], temperature: flo
     session["turn"] += 1
     for index, row in enumerate(session["rows"]):
         session["histories"][index] = session["histories"][index] + [{"role": "user", "content": text}]
-        service.store.add_chat_message(session["chat_id"], turn=session["turn"], role="user", content=text,
+        service.add_chat_message(session["chat_id"], turn=session["turn"], role="user", content=text,
                                        run_id=row["run_id"], label=row["label"])
     conversations = [list(h) for h in session["histories"]]
     for history in session["histories"]:
@@ -208,11 +209,11 @@ def send(service: StudioService, model: str, chosen: list[str], temperature: flo
     try:
         request_id = api.start_chat(request)
     except Exception as error:  # the queue is unreachable: tell the user, keep the conversation
-        _store_answers(service.store, session["chat_id"], session["turn"], session["rows"], [])
+        _store_answers(service, session["chat_id"], session["turn"], session["rows"], [])
         yield (session, "", *_bot_updates(session), f"⚠️ {error}")
         return
     session["request_id"] = request_id  # what the Stop button stops
-    follower = AnswerFollower(service.store, session["chat_id"], session["turn"], session["rows"], request_id)
+    follower = AnswerFollower(service, session["chat_id"], session["turn"], session["rows"], request_id)
     final = follower.latest
     try:
         yield (session, "", *_bot_updates(session), "")
@@ -251,7 +252,7 @@ def vote(service: StudioService, session: Optional[dict], winner: str) -> tuple:
         return ("You already voted on this answer.", *_bot_updates(session, reveal=True))
     index = "AB".index(winner)
     rows = session["rows"]
-    service.store.add_vote(session["chat_id"], turn=session["turn"], winner_run_id=rows[index]["run_id"],
+    service.add_vote(session["chat_id"], turn=session["turn"], winner_run_id=rows[index]["run_id"],
                            loser_run_id=rows[1 - index]["run_id"])
     session["voted"].add(session["turn"])
     return (f"Vote stored: **{rows[index]['label']}** (was {winner}) beat **{rows[1 - index]['label']}**.",

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from app import settings
+from app import datasets, settings
 from storage.repo import Store
-from storage.records import ArtifactRecord, RunRecord, RunsPage
+from storage.records import ArtifactRecord, ChatSessionRecord, DatasetRecord, RunRecord, RunsPage
 from workers import api
 from workers.train_config import ConfigError, TrainConfig
 
@@ -97,6 +97,41 @@ class StudioService:
     def logs(self, run_id: str, after_seq: int = -1) -> list:
         self.store.get_run(run_id)
         return self.store.run_logs(run_id, after_seq=after_seq)
+
+    # -- datasets and chats (the Data and Chat tabs go through these, never the store) -----------------------------
+
+    def datasets(self) -> list[DatasetRecord]:
+        return self.store.list_datasets()
+
+    def dataset(self, dataset_id: int) -> DatasetRecord:
+        return self.store.get_dataset(int(dataset_id))
+
+    def datasets_table(self) -> list[list]:
+        return datasets.datasets_rows(self.store)
+
+    def upload_dataset(self, uploaded: Path, original_name: str) -> datasets.UploadResult:
+        """Validate and keep an uploaded file under the data folder, within the upload size limit."""
+        return datasets.ingest_upload(self.store, settings.datasets_dir(), uploaded, original_name,
+                                      max_bytes=settings.max_upload_mb() * 2**20)
+
+    def delete_dataset(self, dataset_id: int) -> str:
+        return datasets.delete_dataset(self.store, int(dataset_id))
+
+    def create_chat(self, **chat: Any) -> ChatSessionRecord:
+        return self.store.create_chat(**chat)
+
+    def add_chat_message(self, chat_id: int, **message: Any) -> None:
+        self.store.add_chat_message(chat_id, **message)
+
+    def add_vote(self, chat_id: int, **vote: Any) -> None:
+        self.store.add_vote(chat_id, **vote)
+
+    def paper_results(self, group: str) -> tuple[str, Any]:
+        """A memorisation group's table (Markdown, the paper's Table 2 shape) and its loss and accuracy figure."""
+        from app import bench  # on demand: it brings plotly, which the command line's service never needs
+
+        rows = bench.results_table(self.store, group)
+        return bench.markdown_table(rows, group), bench.results_figure(self.store, rows, group)
 
     # -- what the Runs tab reads (its views go through these, never the store) -----------------------------------
 

@@ -77,7 +77,7 @@ def launch_from_form(service: StudioService, values: dict[str, Any], dataset_id:
     """Validate the form and queue one run, or the MoRA/LoRA pair; nothing is queued if anything is wrong."""
     if dataset_id is None:
         raise ConfigError("dataset: upload a dataset in the Data tab, then choose it here")
-    dataset = service.store.get_dataset(int(dataset_id))
+    dataset = service.dataset(int(dataset_id))
     config = config_from_form(values, dataset.path)
     if pair:
         return list(launch_pair(service, config, dataset.id, name=values.get("name") or ""))

@@ -28,7 +28,7 @@ def _model_choices() -> list[tuple[str, str]]:
 
 
 def _dataset_choices(service: StudioService) -> list[tuple[str, int]]:
-    return [(f"{d.name} · {d.rows} rows · {d.schema}", d.id) for d in service.store.list_datasets()]
+    return [(f"{d.name} · {d.rows} rows · {d.schema}", d.id) for d in service.datasets()]
 
 
 def _default_model() -> str | None:
@@ -49,7 +49,7 @@ def data_tab(service: StudioService) -> dict[str, Any]:
                 preview_model = gr.Dropdown(_model_choices(), value=_default_model(), label="Preview with model")
         preview = gr.HTML(elem_id="preview")
         table = gr.Dataframe(headers=["id", "name", "format", "schema", "rows", "size", "uploaded"],
-                             value=lambda: datasets.datasets_rows(service.store), interactive=False,
+                             value=service.datasets_table, interactive=False,
                              label="Stored datasets")
         with gr.Row():
             to_delete = gr.Dropdown(_dataset_choices(service), label="Dataset (choose one to preview it)", scale=3)
@@ -59,30 +59,29 @@ def data_tab(service: StudioService) -> dict[str, Any]:
         if not path:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
-            result = datasets.ingest_upload(service.store, settings.datasets_dir(), Path(path), Path(path).name,
-                                            max_bytes=settings.max_upload_mb() * 2**20)
+            result = service.upload_dataset(Path(path), Path(path).name)
         finally:
             datasets.discard_upload(Path(path))
         html = chat_view.preview_for(result.dataset, model) if result.dataset else ""
         note = ("✅ " if result.dataset else "⚠️ ") + result.message
-        return (note, html, datasets.datasets_rows(service.store),
+        return (note, html, service.datasets_table(),
                 gr.Dropdown(choices=_dataset_choices(service), value=result.dataset.id if result.dataset else None))
 
     def on_delete(dataset_id):
         if dataset_id is None:
             return "Choose a dataset to delete.", gr.skip(), gr.skip()
         try:
-            note = datasets.delete_dataset(service.store, int(dataset_id))
+            note = service.delete_dataset(int(dataset_id))
         except FRIENDLY_ERRORS as error:
             note = f"⚠️ {error}"
-        return note, datasets.datasets_rows(service.store), gr.Dropdown(choices=_dataset_choices(service), value=None)
+        return note, service.datasets_table(), gr.Dropdown(choices=_dataset_choices(service), value=None)
 
     def on_show(dataset_id, model):
         """Preview a stored dataset (or the same one with another model's chat template)."""
         if dataset_id is None:
             return gr.skip()
         try:
-            return chat_view.preview_for(service.store.get_dataset(int(dataset_id)), model)
+            return chat_view.preview_for(service.dataset(int(dataset_id)), model)
         except FRIENDLY_ERRORS as error:
             return f"<p>⚠️ {error}</p>"
 
@@ -312,8 +311,7 @@ def runs_tab(service: StudioService) -> dict[str, Any]:
         if not group:
             return "Launch the set from the Train tab first.", None
         try:
-            rows = bench.results_table(service.store, group)
-            return bench.markdown_table(rows, group), bench.results_figure(service.store, rows, group)
+            return service.paper_results(group)
         except FRIENDLY_ERRORS as error:
             return f"⚠️ {error}", None
 
@@ -409,7 +407,7 @@ def build_app(service: StudioService) -> gr.Blocks:
 
         refresh_datasets = lambda: gr.Dropdown(choices=_dataset_choices(service))  # noqa: E731
         train["tab"].select(refresh_datasets, None, train["dataset"])
-        data["tab"].select(lambda: datasets.datasets_rows(service.store), None, data["table"])
+        data["tab"].select(lambda: service.datasets_table(), None, data["table"])
         form = train["form"]
         app.load(lambda m, r, v, a: (train_view.defaults_note(a, r, v), train_view.budget_markdown(m, r, v, a)),
                  [form["model"], form["r"], form["variant"], form["adapter"]], [train["defaults"], train["budget"]])
