@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from workers import cli as engine_cli
+from workers.settings import SettingError
 
 ENVIRONMENT = """environment:
   MORA_DATA_DIR       datasets, runs, adapters, logs and the SQLite store (default: ./data)
@@ -15,6 +16,13 @@ ENVIRONMENT = """environment:
   MORA_HOST/MORA_PORT where the web app listens (default: 127.0.0.1:7860)
   MORA_AUTH           user:password turns on the login page (default: off)
   MORA_MAX_UPLOAD_MB  largest dataset upload (default: 512)
+  MORA_MAX_ROWS       most rows a dataset may have (default: 5000000)
+  MORA_MAX_DECODED_MB most MiB a dataset may hold once decoded, e.g. an expanded Parquet file (default: 4096)
+  MORA_MAX_ROW_MB     most MiB one row, line or cell may hold (default: 16)
+  MORA_ALLOWED_HOSTS  more host names the web app answers to, name or name:port, comma-separated (default: loopback
+                      names and MORA_HOST); other Host headers get 403
+  MORA_UPLOAD_CACHE_S Gradio's copies of uploads are deleted after this many seconds (default: 3600)
+  MORA_CHAT_TIME_LIMIT_S  the longest one chat answer may take, in seconds (default: 300)
 """
 
 
@@ -37,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="join the worker pool (REDIS_URL must point at the shared Redis)",
                                  formatter_class=defaults)
     worker.add_argument("--gpus", default="", help="GPU indices: one training worker per GPU (empty: one on the CPU)")
-    worker.add_argument("--queues", default="train,chat", help="queues to serve: train, chat or both")
+    worker.add_argument("--queues", default="train,chat",
+                        help="queues to serve: train, chat or both (a chat worker brings a utility worker for previews "
+                             "and parameter budgets)")
     worker.add_argument("--cpu-workers", type=int, default=1, help="training workers on the CPU when no --gpus")
     commands.add_parser("web", help="run the web app and the event collector (what `up` starts)")
     train = commands.add_parser("train", help="fine-tune a model in the foreground, leaving a run folder",
@@ -96,12 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command in ("train", "chat", "models"):
-        return {"train": engine_cli.cmd_train, "chat": engine_cli.cmd_chat, "models": engine_cli.cmd_models}[
-            args.command](args)
-    from app import commands
+    try:
+        if args.command in ("train", "chat", "models"):
+            return {"train": engine_cli.cmd_train, "chat": engine_cli.cmd_chat, "models": engine_cli.cmd_models}[
+                args.command](args)
+        from app import commands
 
-    return commands.run(args)
+        return commands.run(args)
+    except SettingError as error:
+        print(f"mora-studio {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

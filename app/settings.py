@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from workers.settings import SettingError, positive_int
+
 
 def data_dir() -> Path:
     return Path(os.environ.get("MORA_DATA_DIR", "data")).expanduser().resolve()
@@ -16,7 +18,7 @@ def host() -> str:
 
 
 def port() -> int:
-    return int(os.environ.get("MORA_PORT", "7860"))
+    return positive_int("MORA_PORT", 7860, maximum=65535)
 
 
 def auth() -> Optional[tuple[str, str]]:
@@ -26,12 +28,12 @@ def auth() -> Optional[tuple[str, str]]:
         return None
     user, sep, password = value.partition(":")
     if not sep or not user or not password:
-        raise ValueError("MORA_AUTH must be user:password")
+        raise SettingError("MORA_AUTH must be user:password")
     return user, password
 
 
 def max_upload_mb() -> int:
-    return int(os.environ.get("MORA_MAX_UPLOAD_MB", "512"))
+    return positive_int("MORA_MAX_UPLOAD_MB", 512)
 
 
 def runs_dir() -> Path:
@@ -60,14 +62,11 @@ def allowed_hosts() -> list[str]:
     names = [name.strip() for name in os.environ.get("MORA_ALLOWED_HOSTS", "").split(",") if name.strip()]
     for name in names:
         if "/" in name or "@" in name or " " in name:
-            raise ValueError(f"MORA_ALLOWED_HOSTS: {name!r} is not a host name; give names or name:port, without "
+            raise SettingError(f"MORA_ALLOWED_HOSTS: {name!r} is not a host name; give names or name:port, without "
                              "scheme or path (e.g. studio.example.com,10.0.0.5:7860)")
     return names
 
 
 def upload_cache_s() -> int:
     """MORA_UPLOAD_CACHE_S (default 3600): Gradio's copies of uploads older than this are deleted, checked as often."""
-    value = int(os.environ.get("MORA_UPLOAD_CACHE_S", "3600"))
-    if value < 1:
-        raise ValueError(f"MORA_UPLOAD_CACHE_S must be at least 1 second, found {value}")
-    return value
+    return positive_int("MORA_UPLOAD_CACHE_S", 3600)

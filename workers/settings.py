@@ -5,6 +5,11 @@ import os
 from pathlib import Path
 
 
+class SettingError(ValueError):
+    """An environment setting with a value the studio cannot use; the message names the variable and what it takes.
+    Every command turns it into one line, never a traceback."""
+
+
 def data_dir() -> Path:
     """MORA_DATA_DIR (default ./data): datasets, runs and adapters; shared between hosts when scaling out."""
     return Path(os.environ.get("MORA_DATA_DIR", "data")).expanduser().resolve()
@@ -56,31 +61,34 @@ def chat_time_limit_s() -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"MORA_CHAT_TIME_LIMIT_S must be a number of seconds, found {raw!r}") from None
+        raise SettingError(f"MORA_CHAT_TIME_LIMIT_S must be a number of seconds, found {raw!r}") from None
     if not 1 <= value <= 86_400:
-        raise ValueError(f"MORA_CHAT_TIME_LIMIT_S must be between 1 and 86400 seconds, found {raw}")
+        raise SettingError(f"MORA_CHAT_TIME_LIMIT_S must be between 1 and 86400 seconds, found {raw}")
     return value
 
 
-def _positive_int(name: str, default: int) -> int:
+def positive_int(name: str, default: int, maximum: int | None = None) -> int:
+    """The whole number in environment variable `name` (`default` when unset), at least 1 and at most `maximum`."""
     value = os.environ.get(name, "").strip() or str(default)
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name} must be a positive whole number, found {value!r}")
+        raise SettingError(f"{name} must be a positive whole number, found {value!r}")
+    if maximum is not None and int(value) > maximum:
+        raise SettingError(f"{name} must be at most {maximum}, found {value}")
     return int(value)
 
 
 def max_rows() -> int:
     """MORA_MAX_ROWS (default 5,000,000): the most rows a dataset may have, counted while it is read."""
-    return _positive_int("MORA_MAX_ROWS", 5_000_000)
+    return positive_int("MORA_MAX_ROWS", 5_000_000)
 
 
 def max_decoded_mb() -> int:
     """MORA_MAX_DECODED_MB (default 4096): the most MiB a dataset may hold once decoded (a Parquet file's
     decompressed, dictionary-expanded values; a text file's bytes), checked before or while it is read."""
-    return _positive_int("MORA_MAX_DECODED_MB", 4096)
+    return positive_int("MORA_MAX_DECODED_MB", 4096)
 
 
 def max_row_mb() -> int:
     """MORA_MAX_ROW_MB (default 16): the most MiB one row (a line, a CSV record, a paragraph, a JSON element)
     may hold, so one row never has to be read whole into memory to be refused."""
-    return _positive_int("MORA_MAX_ROW_MB", 16)
+    return positive_int("MORA_MAX_ROW_MB", 16)
