@@ -106,8 +106,8 @@ def test_sigkill_worker_mid_run_marks_it_lost_then_resume_completes(world, tmp_p
     world.start_worker()
     world.start_collector(lost_after_s=3.0)
     service = _service(world)
-    run = service.submit(_config(tmp_path, max_steps=3000, save_steps=5), name="doomed")
-    wait_for(lambda: (world.store.get_run(run.id).step or 0) >= 12, 120, "the run to pass step 12")
+    run = service.submit(_config(tmp_path, max_steps=3000, save_steps=10), name="doomed")
+    wait_for(lambda: (world.store.get_run(run.id).step or 0) >= 22, 120, "the run to pass step 22")
     worker = world.group.children["train-test1"]
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
@@ -116,12 +116,12 @@ def test_sigkill_worker_mid_run_marks_it_lost_then_resume_completes(world, tmp_p
     assert lost.status_message == "worker lost"
     resumed = service.resume(run.id)
     assert resumed.parent_id == run.id
-    world.start_worker()  # the resumed run continues from the parent's last checkpoint (a multiple of 5)
+    world.start_worker()  # the resumed run continues from the parent's last checkpoint (a multiple of 10)
     wait_for(lambda: _worker_steps(world.store.get_run(resumed.id)) or _status(world, resumed.id) in TERMINAL, 120,
              "the resumed run's first step")
     assert _worker_steps(world.store.get_run(resumed.id)), world.store.get_run(resumed.id).status_message
     first_step = _worker_steps(world.store.get_run(resumed.id))[0]["step"]
-    assert first_step % 5 == 1 and first_step > 5
+    assert first_step % 10 == 1 and first_step > 10
     service.cancel(resumed.id)
     assert _wait_status(world, resumed.id, TERMINAL) == "cancelled"
 
