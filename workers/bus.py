@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import redis
 
+from workers.celery_app import QUEUES
+
 STREAM_MAXLEN = 100_000
 STATE_TTL_S = 30 * 24 * 3600
 FINISHED_STREAM_TTL_S = 24 * 3600  # a finished run's stream, kept a day for a late reader, then gone
@@ -186,7 +188,8 @@ def list_workers(client: redis.Redis) -> list[dict[str, Any]]:
     return workers
 
 
-def queue_lengths(client: redis.Redis, queues: tuple[str, ...] = ("train", "chat")) -> dict[str, int]:
+def queue_lengths(client: redis.Redis, queues: tuple[str, ...] = QUEUES) -> dict[str, int]:
+    """Jobs waiting in each Celery queue (Celery's Redis transport keeps a queue as a list under its name)."""
     return {queue: int(client.llen(queue)) for queue in queues}
 
 

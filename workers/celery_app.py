@@ -16,6 +16,7 @@ from workers.settings import redis_url
 TRAIN_QUEUE = "train"
 CHAT_QUEUE = "chat"
 UTILITY_QUEUE = "utility"  # its own worker process, so a preview or a budget never waits behind a generation
+QUEUES = (TRAIN_QUEUE, CHAT_QUEUE, UTILITY_QUEUE)
 TRAIN_TASK = "mora.train_run"
 CHAT_TASK = "mora.chat_generate"
 UTILITY_TASK = "mora.utility"  # small request/reply calls (preview, budget) the web process cannot do without torch
@@ -38,7 +39,7 @@ def make_celery(broker_url: str | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_queues=(Queue(TRAIN_QUEUE), Queue(CHAT_QUEUE), Queue(UTILITY_QUEUE)),
+        task_queues=tuple(Queue(name) for name in QUEUES),
         task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, CHAT_TASK: {"queue": CHAT_QUEUE},
                      UTILITY_TASK: {"queue": UTILITY_QUEUE}},
         task_default_queue=TRAIN_QUEUE,
