@@ -1,4 +1,5 @@
-"""The web process: the run store, the event collector (worker events → store) and the Gradio app, together."""
+"""The web process: the run store, the event collector (worker events → store), the queue reconciler and the Gradio
+app, together."""
 from __future__ import annotations
 
 import logging
@@ -18,12 +19,15 @@ def serve(prevent_thread_lock: bool = False):
     from app.ui import CSS, build_app
     from storage.repo import Store
     from workers.collector import Collector
+    from workers.reconciler import Reconciler
 
     create_private_folder(settings.data_dir())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     store = Store()
     redis_url = os.environ.get("REDIS_URL")
     collector = Collector(store, redis_url).start() if redis_url else None
+    if redis_url:
+        Reconciler(store, redis_url).start()  # queued runs whose task a Redis restart erased are sent again
     if collector is None:
         log.warning("REDIS_URL is not set: no worker events will be collected")
     app = build_app(StudioService(store))

@@ -3,7 +3,9 @@
 - events also go to the run's Redis stream (and always to the run folder's metrics.jsonl);
 - a cancel flag in Redis is checked between steps, and before the run starts (a cancelled queued run never starts);
 - a heartbeat key says the worker is alive, so the collector can mark a run whose worker died;
-- a redelivered job (its worker died before acknowledging) finds its run already ended and does nothing.
+- a redelivered job (its worker died before acknowledging) finds its run already ended and does nothing;
+- the heartbeat key is taken with SET NX before training, so a task sent twice (the reconciler re-sends queued runs
+  after a Redis restart) trains once: the second worker finds the run held and does nothing.
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ def run_queued_training(url: str, run_id: str, config: dict[str, Any], run_dir: 
         publisher.status("cancelled", "cancelled before it started")
         bus.set_state(client, run_id, "cancelled")
         return "cancelled"
+    if not client.set(bus.heartbeat_key(run_id), worker, nx=True, ex=bus.HEARTBEAT_TTL_S):
+        return "running"  # another worker holds it (the task was sent again after a Redis restart): never train twice
     bus.set_state(client, run_id, "running")
     checkpoint = latest_checkpoint(Path(resume_from)) if resume_from else None
     with bus.Heartbeat(client, run_id, worker):

@@ -4,11 +4,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from app.service import StudioService
 from tests.app.test_up import ROOT, studio_env
+from tests.workers.queue_harness import make_world, wait_for
 from tests.workers.sample_data import write_dataset
+from workers import api, bus
+from workers.celery_app import sent_key
 from workers.embedded_redis import free_port
+from workers.events import read_events
+from workers.reconciler import Reconciler
+
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def _config(tmp_path: Path, **overrides) -> dict:
@@ -39,3 +48,49 @@ def test_submit_with_redis_down_says_so_in_one_line_and_leaves_no_run(tmp_path, 
                           text=True, timeout=120)
     assert runs.returncode == 0 and runs.stdout.strip().splitlines()[1:] == [], runs.stdout
     assert not list((tmp_path / "data" / "runs").glob("*"))
+
+
+@pytest.fixture()
+def world(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    world = make_world(tmp_path, tiny_model_dir)
+    yield world
+    world.close()
+
+
+def _restart_redis(world) -> None:
+    """Stop the embedded Redis and start it again on its port: it comes back empty, as under `mora-studio up`."""
+    port = world.redis.port
+    world.redis.stop()
+    world.redis.port = port
+    world.redis.start()
+
+
+def test_queued_runs_lost_in_a_redis_restart_are_sent_again_and_each_trains_once(world, tmp_path):
+    service = StudioService(world.store, runs_dir=world.root / "runs")
+    steps = [400, 3, 3]  # the first trains long enough for its duplicate to reach the other worker meanwhile
+    runs = [service.submit(_config(tmp_path, seed=i, max_steps=n), name=f"queued {i}") for i, n in enumerate(steps)]
+    client = bus.connect(world.redis.url)
+    assert all(client.exists(sent_key(run.id)) for run in runs)
+    _restart_redis(world)  # no worker yet: the three tasks are lost with it
+    client = bus.connect(world.redis.url)
+    assert client.llen("train") == 0 and not any(client.exists(sent_key(run.id)) for run in runs)
+    reconciler = Reconciler(world.store, world.redis.url, every_s=0.3).start()
+    try:
+        wait_for(lambda: all(client.exists(sent_key(run.id)) for run in runs), 30, "the runs to be sent again")
+        world.start_collector()
+        world.start_worker()
+        world.start_worker()
+        # a duplicate of the long run, as a re-send racing a worker leaves: it reaches the second worker meanwhile
+        api.submit_training(runs[0].id, runs[0].config, runs[0].run_dir)
+        assert world.store.get_run(runs[0].id).status in ("queued", "running")
+        for run in runs:
+            assert wait_for(lambda: world.store.get_run(run.id).status in TERMINAL and
+                            world.store.get_run(run.id).status, 180, f"run {run.id} to end") == "succeeded"
+    finally:
+        reconciler.stop()
+    for run, n in zip(runs, steps):
+        events = read_events(Path(run.run_dir) / "metrics.jsonl")
+        assert [e["status"] for e in events if e["kind"] == "status"] == ["running", "succeeded"], run.id
+        assert [e["step"] for e in events if e["kind"] == "step"] == list(range(1, n + 1))
+    assert reconciler.check_once() == [] and reconciler.check_once() == []  # nothing queued: nothing sent
