@@ -240,21 +240,32 @@ def plan_runs(preset: Union[str, Preset], seed: int, ablation: bool = False,
 def parse_seeds(text: str) -> list[int]:
     """`--seeds`: "3" is seeds 0, 1, 2; "1,2" is those seeds (to add seeds to a benchmark already run)."""
     try:
-        if "," in text:
-            seeds = [int(part) for part in text.split(",") if part.strip()]
-        else:
-            seeds = list(range(int(text)))
+        seeds: Union[int, list[int]] = ([int(part) for part in text.split(",") if part.strip()] if "," in text
+                                        else int(text))
     except ValueError:
         raise ValueError(f"seeds: expected a count (3) or a comma-separated list (1,2), got {text!r}") from None
-    if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+    if isinstance(seeds, list) and (any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds)):
         raise ValueError(f"seeds: need at least one seed, none negative or repeated, got {text!r}")
-    return seeds
+    return _seed_list(seeds)
+
+
+MAX_SEEDS = 10
+"""Seeds in one launch: each seed is a whole group of runs (10 for the memorisation set), so 10 seeds are 100 runs."""
+MAX_SEED = 1_000_000
 
 
 def _seed_list(seeds: Union[int, Iterable[int]]) -> list[int]:
-    listed = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    """Checked before anything is listed: a count of 10^19 must be refused, not expanded."""
+    if isinstance(seeds, int):
+        if not 1 <= seeds <= MAX_SEEDS:
+            raise ValueError(f"seeds: run 1 to {MAX_SEEDS} seeds at once (each seed is a whole set of runs), "
+                             f"got {seeds}")
+        return list(range(seeds))
+    listed = [int(s) for s in seeds]
     if not listed:
         raise ValueError("seeds: run at least one seed")
+    if len(listed) > MAX_SEEDS or any(not 0 <= seed <= MAX_SEED for seed in listed):
+        raise ValueError(f"seeds: at most {MAX_SEEDS} seeds at once, each from 0 to {MAX_SEED:,}, got {listed[:12]}")
     return listed
 
 

@@ -150,7 +150,8 @@ def train_tab(service: StudioService) -> dict[str, Any]:
             offered = bench.offered_presets(m.name for m in list_models())
             with gr.Row():
                 paper_preset = gr.Dropdown(offered, value=offered[0], label="Preset", elem_id="paper-preset")
-                paper_seeds = gr.Number(value=3, precision=0, label="Seeds", elem_id="paper-seeds")
+                paper_seeds = gr.Number(value=3, precision=0, minimum=1, maximum=bench.MAX_SEEDS,
+                                        label=f"Seeds (1–{bench.MAX_SEEDS})", elem_id="paper-seeds")
                 paper_ablation = gr.Checkbox(False, label="Table 4 ablation (compression variants) instead",
                                              elem_id="paper-ablation")
             paper_description = gr.Markdown(bench.get_preset(offered[0]).description)
@@ -193,7 +194,7 @@ def train_tab(service: StudioService) -> dict[str, Any]:
 
     def on_paper(preset_name, seeds, ablation):
         try:
-            group = bench.submit_benchmark(service, preset_name, max(1, int(seeds or 1)), bool(ablation))
+            group = bench.submit_benchmark(service, preset_name, int(seeds or 0), bool(ablation))
         except FRIENDLY_ERRORS as error:
             return f"⚠️ {error}"
         return f"✅ queued the group **{group}**; its curves appear in the Runs tab and its table under Paper results."

@@ -292,3 +292,13 @@ def test_groups_extending_a_sweep_read_as_one_table(store, tmp_path):
     assert summary["groups"] == [group, extension] and run.id in summary["runs"]
     with pytest.raises(ValueError, match="no runs in group 'nope'"):
         bench.results_table(store, [group, "nope"])
+
+
+@pytest.mark.parametrize("seeds,problem", [(40, "run 1 to 10 seeds"), (10**19, "run 1 to 10 seeds"),
+                                           (0, "run 1 to 10 seeds"), ([1, 2_000_000], "each from 0 to 1,000,000")])
+def test_seed_counts_are_bounded_before_anything_is_listed(seeds, problem):
+    with pytest.raises(ValueError, match=problem):
+        bench._seed_list(seeds)
+    text = ",".join(map(str, seeds)) + ("" if len(seeds) > 1 else ",") if isinstance(seeds, list) else str(seeds)
+    with pytest.raises(ValueError, match=problem):
+        bench.parse_seeds(text)
