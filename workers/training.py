@@ -319,11 +319,18 @@ def run_training(
         return result
 
 
+LOWER_MEMORY = "lower batch_size or max_length, or enable gradient_checkpointing"
+
+
 def _user_message(error: Exception) -> str:
+    """What the run's page says. Running out of memory is the failure a user can most often fix, so it says how;
+    CUDA's error is checked first (it is a RuntimeError too)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return f"the GPU ran out of memory: {LOWER_MEMORY}"
+    if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error)):
+        return f"the machine ran out of memory: {LOWER_MEMORY}"
     if isinstance(error, ValueError):
         return str(error)
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return "the GPU ran out of memory: lower batch_size or max_length, or enable gradient_checkpointing"
     return f"training failed: {type(error).__name__}: {error}"
 
 

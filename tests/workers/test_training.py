@@ -190,3 +190,16 @@ def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, tiny_model_dir
     assert plain.status == checkpointed.status == "succeeded", checkpointed.message
     for a, b in zip(_steps(tmp_path / "plain"), _steps(tmp_path / "checkpointed")):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+
+
+def test_running_out_of_memory_says_what_to_lower():
+    from workers.training import _user_message
+
+    try:
+        torch.empty(2**62, dtype=torch.uint8)  # a real CPU allocation failure (4 EiB)
+    except RuntimeError as error:
+        cpu = error
+    assert _user_message(cpu) == ("the machine ran out of memory: lower batch_size or max_length, or enable "
+                                  "gradient_checkpointing")
+    assert _user_message(MemoryError()).startswith("the machine ran out of memory")
+    assert _user_message(ValueError("data: no rows")) == "data: no rows"
