@@ -9,7 +9,7 @@ from app import datasets, settings
 from storage.repo import Store
 from storage.records import ArtifactRecord, ChatSessionRecord, DatasetRecord, RunRecord, RunsPage
 from workers import api
-from workers.train_config import ConfigError, TrainConfig
+from workers.train_config import MAX_NAME_CHARS, ConfigError, TrainConfig
 
 CANCELLABLE = ("queued", "running")
 RESUMABLE = ("failed", "cancelled")
@@ -21,6 +21,22 @@ class ServiceError(ValueError):
 
 def has_checkpoint(run_dir: Optional[str]) -> bool:
     return bool(run_dir) and any((Path(run_dir) / "checkpoints").glob("checkpoint-*"))
+
+
+MAX_TAGS = 20
+MAX_TAG_CHARS = 64
+
+
+def check_labels(name: str = "", tags: Iterable[str] = (), group_name: Optional[str] = None) -> None:
+    """Names, tags and group names are shown in every Runs refresh, so each is short: a 5 MB name would make every
+    refresh 5 MB."""
+    tags = list(tags)
+    if len(name) > MAX_NAME_CHARS:
+        raise ServiceError(f"name: at most {MAX_NAME_CHARS} characters, got {len(name):,}")
+    if group_name is not None and len(group_name) > MAX_NAME_CHARS:
+        raise ServiceError(f"group: at most {MAX_NAME_CHARS} characters, got {len(group_name):,}")
+    if len(tags) > MAX_TAGS or any(len(str(tag)) > MAX_TAG_CHARS for tag in tags):
+        raise ServiceError(f"tags: at most {MAX_TAGS}, each at most {MAX_TAG_CHARS} characters")
 
 
 class StudioService:
@@ -36,6 +52,7 @@ class StudioService:
         if isinstance(config, dict):
             config = TrainConfig.from_dict(config)
         config.validate()
+        check_labels(name=name, tags=tags, group_name=group_name)
         resolved = config.resolved()
         label = name or resolved.name or f"{resolved.adapter} r={resolved.r}" + (
             f" {resolved.variant}" if resolved.adapter == "mora" else "")
@@ -79,6 +96,7 @@ class StudioService:
     def rename(self, run_id: str, name: str) -> RunRecord:
         if not name or not name.strip():
             raise ServiceError("name: give the run a name")
+        check_labels(name=name.strip())
         return self.store.rename_run(run_id, name.strip())
 
     def delete(self, run_id: str) -> None:

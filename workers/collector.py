@@ -22,13 +22,18 @@ from workers import bus
 
 log = logging.getLogger(__name__)
 
+LOST_AFTER_S = 15.0
+"""How long a running run's heartbeat must stay missing before its worker counts as lost. The key itself outlives the
+last beat by `bus.HEARTBEAT_TTL_S` (15 s), so a dead worker's run is marked about 15 + 15 s (+ one 5 s check) after
+it died; a Redis restart, after which a live worker recreates its key within one beat (5 s), is never mistaken."""
+
 STEP_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mb")
 # eval_loss from the eval split; char_accuracy and exact_match from a memorisation probe (workers.memorize)
 EVAL_METRICS = ("eval_loss", "char_accuracy", "exact_match")
 
 
 class Collector:
-    def __init__(self, store: Store, redis_url: str | None, block_ms: int = 200, lost_after_s: float = 30.0,
+    def __init__(self, store: Store, redis_url: str | None, block_ms: int = 200, lost_after_s: float = LOST_AFTER_S,
                  lost_check_every_s: float = 5.0) -> None:
         """`redis_url` None: no bus, and only `apply` works; `mora-studio bench memorize --local` stores the events of
         run folders this way."""

@@ -118,5 +118,14 @@ def test_service_refuses_what_cannot_be_done(service, store, tmp_path):
     with pytest.raises(ServiceError, match="name: give the run a name"):
         service.rename(run.id, "  ")
     assert service.rename(run.id, "better").name == "better"
+    with pytest.raises(ServiceError, match="name: at most 200 characters, got 5,242,880"):
+        service.rename(run.id, "x" * 5 * 2**20)  # a 5 MB name would make every Runs refresh 5 MB
+    assert service.run(run.id).name == "better"
+    data = str(write_dataset(tmp_path, "chat"))
+    with pytest.raises(ServiceError, match="tags: at most 20, each at most 64 characters"):
+        service.submit({"data": data, "max_steps": 5}, tags=["t" * 65])
+    with pytest.raises(ServiceError, match="group: at most 200 characters"):
+        service.submit({"data": data, "max_steps": 5}, group_name="g" * 201)
+    assert [r.id for r in service.runs()] == [run.id]  # nothing was queued by the refusals
     service.delete(run.id)
     assert not service.runs()
