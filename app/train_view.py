@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 from app.service import StudioService
 from storage.records import RunRecord
-from workers import api
+from workers import api, model_shapes
+from workers.models import ModelError
 from workers.train_config import ConfigError, TrainConfig, default_learning_rate, default_variant
 
 FORM_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("data", "eval_data"))
@@ -56,8 +57,7 @@ def budget_markdown(model: Optional[str], r: int, variant: Optional[str], adapte
         return "Full fine-tuning trains every weight of the model."
     variant = None if variant in (None, "", AUTO) else variant
     try:
-        reply = api.call_worker("budget", {"model": model, "r": int(r), "variant": variant or default_variant(int(r))},
-                                timeout_s=20)
+        reply = parameter_budget(model, int(r), variant or default_variant(int(r)))
     except Exception as error:  # no worker yet: the form still works, it just can't show the figures
         return f"_Parameter budget unavailable: {error}_"
     if "error" in reply:
@@ -70,6 +70,18 @@ def budget_markdown(model: Optional[str], r: int, variant: Optional[str], adapte
             f"| LoRA | A: r × in, B: out × r | {lora:,} |\n\n"
             f"{len(reply['layers'])} layers adapted; MoRA uses {100 * mora / lora:.1f}% of LoRA's budget "
             f"with rank up to {sides[-1]} instead of {int(r)}.")
+
+
+def parameter_budget(model: Optional[str], r: int, variant: str) -> dict[str, Any]:
+    """MoRA's and LoRA's budget, from the model's config.json here (Llama-like models: no torch, no waiting on a
+    worker), or from a worker, which builds any other architecture on the meta device."""
+    try:
+        shapes = model_shapes.shapes_for(model)
+    except ModelError as error:
+        return {"error": str(error)}
+    if shapes is not None:
+        return model_shapes.parameter_budget(shapes, r, variant)
+    return api.call_worker("budget", {"model": model, "r": r, "variant": variant}, timeout_s=20)
 
 
 def launch_from_form(service: StudioService, values: dict[str, Any], dataset_id: Optional[int],

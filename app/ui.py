@@ -12,7 +12,8 @@ from app.service import ServiceError, StudioService
 from storage.repo import STATUSES, StorageError
 from workers.data import FORMATS
 from workers.models import list_models
-from workers.train_config import ADAPTERS, DTYPES, MORA_VARIANTS, SCHEDULES, ConfigError
+from mora.variants import variant_names
+from workers.train_config import ADAPTERS, DTYPES, SCHEDULES, ConfigError
 
 CSS = """
 .trained { background: #fde68a; border-radius: 2px; }
@@ -101,7 +102,7 @@ def train_tab(service: StudioService) -> dict[str, Any]:
         with gr.Row():
             form["adapter"] = gr.Radio(list(ADAPTERS), value="mora", label="Adapter", elem_id="adapter")
             form["r"] = gr.Slider(1, 512, value=8, step=1, label="r (LoRA-equivalent rank)", elem_id="rank")
-            form["variant"] = gr.Dropdown([train_view.AUTO, *MORA_VARIANTS], value=train_view.AUTO,
+            form["variant"] = gr.Dropdown([train_view.AUTO, *variant_names()], value=train_view.AUTO,
                                           label="MoRA variant")
         defaults = gr.Markdown(train_view.defaults_note("mora", 8, None), elem_id="defaults")
         budget = gr.Markdown(elem_id="budget")

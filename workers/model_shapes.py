@@ -2,26 +2,23 @@
 the MoRA/LoRA parameter budget.
 
 The web process needs these figures (the Train tab's budget table, the memory estimate before launch) and must
-import no torch, and asking a chat worker made them wait behind any generation. `mora` computes r̂ too, but importing
-any part of it imports torch, so `r_hat` here repeats its formula (MORA_SPEC.md §1; a test checks the two agree on
-every variant). Only the Llama layout is described (Llama, Mistral, Qwen2, SmolLM2: q, k, v, o, gate, up, down in
+import no torch, and asking a worker made them wait behind its queue. r̂ comes from `mora.variants`, which imports
+no torch either. Only the Llama layout is described (Llama, Mistral, Qwen2, SmolLM2: q, k, v, o, gate, up, down in
 each block); for any other `model_type`, `read_shapes` returns None and the caller asks a worker, which builds the
 model on the meta device.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from workers.models import DEFAULT_MODEL_NAME, ModelError, resolve_model
-from workers.train_config import canonical_variant, default_variant
+from mora.variants import default_variant, r_hat
+from workers.train_config import canonical_variant
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
-EVEN_SIDE_VARIANTS = ("rope",)
-"""Rotation pairs dimension j with j + r̂/2, so its r̂ is rounded down to an even number (mora.variants' even_side)."""
 _MAX_CONFIG_BYTES = 10_000_000
 
 
@@ -66,16 +63,6 @@ class ModelShapes:
 DEFAULT_MODEL_SHAPES = ModelShapes(
     name=DEFAULT_MODEL_NAME, model_type="llama", hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
     num_kv_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)
-
-
-def r_hat(in_features: int, out_features: int, r: int, variant: Any = "sharing") -> int:
-    """Side of M that spends LoRA's budget `(k + d)·r`: `floor(sqrt((k + d)·r) + 0.5)`, even for rotation."""
-    if r < 1 or in_features < 1 or out_features < 1:
-        raise ValueError(f"r, in_features and out_features must be positive, got {r}, {in_features}, {out_features}")
-    side = int(math.floor(math.sqrt((in_features + out_features) * r) + 0.5))
-    if canonical_variant(variant) in EVEN_SIDE_VARIANTS:
-        side = max(2, side // 2 * 2)
-    return side
 
 
 def read_shapes(folder: Path, name: str = "") -> Optional[ModelShapes]:

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
+from mora import variants
+from mora.variants import default_variant
+
 ADAPTERS = ("mora", "lora", "full")
 # Mirrors mora.functional's names: this module must import without torch, because the web app validates configs.
-MORA_VARIANTS = ("rope", "sharing", "truncation", "decouple", "type2", "type3", "type4")
-REFERENCE_TYPES = {"1": "sharing", "2": "type2", "3": "type3", "4": "type4", "6": "rope"}
-REMORA_VARIANTS = ("sharing", "type2", "type3", "type4")
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -174,12 +174,11 @@ def coerce_value(name: str, annotation: Any, value: Any) -> Any:
 
 
 def canonical_variant(variant: object) -> Optional[str]:
-    name = str(variant).strip().lower()
-    return REFERENCE_TYPES.get(name, name if name in MORA_VARIANTS else None)
-
-
-def default_variant(r: int) -> str:
-    return "rope" if r <= 32 else "sharing"
+    """The variant's registered name (`mora.variants`, which imports no torch), or None for an unknown one."""
+    try:
+        return variants.normalize_variant(variant)
+    except ValueError:
+        return None
 
 
 def default_learning_rate(adapter: str, r: int, variant: Optional[str] = None) -> float:
@@ -256,7 +255,9 @@ class TrainConfig:
         if self.r < 1:
             problems.append(f"r: must be at least 1, got {self.r}")
         if self.variant is not None and self.adapter == "mora" and canonical_variant(self.variant) is None:
-            problems.append(f"variant: expected one of {', '.join(MORA_VARIANTS)} (or 1, 2, 3, 4, 6), got {self.variant!r}")
+            types = ", ".join(str(number) for number in sorted(variants.reference_types()))
+            problems.append(f"variant: expected one of {', '.join(variants.variant_names())} (or {types}), "
+                            f"got {self.variant!r}")
         if self.lr_scheduler not in SCHEDULES:
             problems.append(f"lr_scheduler: expected one of {', '.join(SCHEDULES)}, got {self.lr_scheduler!r}")
         if self.dtype not in DTYPES:
@@ -270,7 +271,7 @@ class TrainConfig:
         if self.remora_steps:
             if self.adapter != "mora":
                 problems.append("remora_steps: ReMoRA applies to MoRA adapters only")
-            elif canonical_variant(self.resolved().variant) not in REMORA_VARIANTS:
+            elif canonical_variant(self.resolved().variant) not in variants.remora_variants():
                 problems.append("remora_steps: ReMoRA switches groupings, so it needs variant sharing (not rope)")
         problems += self._memorize_problems()
         if problems:

@@ -70,6 +70,10 @@ def test_a_registered_variant_trains_merges_saves_and_loads(toy, tmp_path):
         mora.merge_adapter(model, "a")
         torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=1e-4)
     assert mora.adapter_info(fresh, "a").variant == "toy"
+    from workers.train_config import TrainConfig  # the studio's config takes it too, from the same registry
+
+    TrainConfig(data="x.jsonl", adapter="mora", variant="toy").validate()
+    assert TrainConfig(data="x.jsonl", adapter="mora", variant="toy").resolved().variant == "toy"
 
 
 def test_unregistered_and_duplicate_variants_are_refused(toy):
