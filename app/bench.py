@@ -40,6 +40,7 @@ from app.charts import PALETTE
 from storage.records import RunRecord
 from storage.repo import TERMINAL_STATUSES, Store
 from workers.memorize import FORMAT_ONLY_CHAR_ACCURACY, make_uuid_pairs, write_pairs_dataset
+from mora.variants import ablation_variants
 from workers.train_config import TrainConfig
 
 PAPER_WIDTH = 4096
@@ -53,7 +54,7 @@ PAPER_TABLE2 = {  # MORA_SPEC.md §6: character accuracy (%) on LLaMA-2-7B, 10k 
     "LoRA r=256": (9.9, 70.6, 100, 100),
     "MoRA r=256": (41.6, 100, 100, 100),
 }
-ABLATION = ("truncation", "sharing", "decouple", "rope")
+ABLATION = ablation_variants()  # the paper's Table 4, in its order, from the variant registry
 """The paper's Table 4: MoRA's compression variants, compared at the small budget."""
 METRICS = ("char_accuracy", "exact_match")
 TAGS = ("bench", "memorize")
