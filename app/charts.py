@@ -146,15 +146,16 @@ def _colours(labels: Mapping[str, str], runs: Iterable[str]) -> dict[str, str]:
     return {run_id: PALETTE[index % len(PALETTE)] for index, run_id in enumerate(order)}
 
 
-def _xy(points: Iterable[MetricPointRecord], x_axis: str, x_by_step: Mapping[int, float]
+def _xy(points: Iterable[MetricPointRecord], x_axis: str, x_by_step: Mapping[int, float], field: str = "value"
         ) -> tuple[list[float], list[Optional[float]]]:
+    """x and each point's `field` (its value, or a sampled bucket's low or high); a point with no x is left out."""
     xs, ys = [], []
     for point in points:
         x = getattr(point, x_axis)
         x = x_by_step.get(point.step) if x is None else x
         if x is not None:
             xs.append(x)
-            ys.append(point.value)
+            ys.append(getattr(point, field))
     return xs, ys
 
 
@@ -165,14 +166,8 @@ def _band(points: Sequence, x_axis: str, x_by_step: Mapping[int, float], run_id:
     go as float32: it is drawn faint and wide, and it halves its bytes."""
     if not any(getattr(point, "count", 1) > 1 for point in points):
         return []
-    xs, lows, highs = [], [], []
-    for point in points:
-        x = getattr(point, x_axis)
-        x = x_by_step.get(point.step) if x is None else x
-        if x is not None:
-            xs.append(x)
-            lows.append(point.low)
-            highs.append(point.high)
+    xs, highs = _xy(points, x_axis, x_by_step, "high")
+    lows = _xy(points, x_axis, x_by_step, "low")[1]
     common = {"mode": "lines", "legendgroup": run_id, "showlegend": False, "hoverinfo": "skip",
               "line": {"width": 0, "color": colour}, "dtype": np.float32}
     return [_scatter(xs, highs, name=f"{label} train (max)", **common),

@@ -26,6 +26,8 @@ from workers.collector import Collector  # noqa: E402
 from workers.embedded_redis import EmbeddedRedis  # noqa: E402
 from workers.events import EventPublisher  # noqa: E402
 
+from event_latency import percentile  # noqa: E402  (this folder's own benchmark: one percentile rule)
+
 PROCESSES = 2
 
 
@@ -47,11 +49,6 @@ def _publish(url: str, run_ids: list[str], rate: float, seconds: float) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def main() -> int:
@@ -108,7 +105,7 @@ def main() -> int:
     print("| path | p50 ms | p95 ms | max ms | steps stored |")
     print("|---|---|---|---|---|")
     print(f"| step published -> point committed | {statistics.median(latencies):.0f} | "
-          f"{_percentile(latencies, 0.95):.0f} | {max(latencies):.0f} | {total} |")
+          f"{percentile(latencies, 0.95):.0f} | {max(latencies):.0f} | {total} |")
     return 0
 
 
