@@ -27,16 +27,8 @@ def config_from_form(values: dict[str, Any], data_path: str) -> TrainConfig:
         value = values.get(name)
         if value in (None, "", AUTO) or (name in ZERO_MEANS_DEFAULT and value == 0):
             continue
-        if name == "target_modules" and isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()] or None
-        if name in ("r", "max_steps", "batch_size", "grad_accum", "max_length", "seed", "eval_steps", "save_steps",
-                    "logging_steps", "remora_steps", "remora_warmup"):
-            try:
-                value = int(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{name}: expected a whole number, got {value!r}") from None
         cleaned[name] = value
-    config = TrainConfig(**cleaned)
+    config = TrainConfig.from_dict(cleaned)  # the one conversion: number boxes' floats, "a, b" lists, with messages
     config.validate()
     return config
 
