@@ -83,7 +83,8 @@ def test_queued_runs_lost_in_a_redis_restart_are_sent_again_and_each_trains_once
         world.start_worker()
         # a duplicate of the long run, as a re-send racing a worker leaves: it reaches the second worker meanwhile
         api.submit_training(runs[0].id, runs[0].config, runs[0].run_dir)
-        assert world.store.get_run(runs[0].id).status in ("queued", "running")
+        long_run = world.store.get_run(runs[0].id)
+        assert long_run.status in ("queued", "running"), long_run.status_message
         for run in runs:
             assert wait_for(lambda: world.store.get_run(run.id).status in TERMINAL and
                             world.store.get_run(run.id).status, 180, f"run {run.id} to end") == "succeeded"
