@@ -9,30 +9,19 @@ import yaml
 
 from app.service import StudioService
 from tests.app.test_up import ROOT, studio_env
-from tests.workers.queue_harness import make_world, wait_for
-from tests.workers.sample_data import write_dataset
+from storage.repo import TERMINAL_STATUSES
+from tests.workers.queue_harness import make_world, tiny_run_config, wait_for
 from workers import api, bus
 from workers.celery_app import sent_key
 from workers.embedded_redis import free_port
 from workers.events import read_events
 from workers.reconciler import Reconciler
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def _config(tmp_path: Path, **overrides) -> dict:
-    data = tmp_path / "chat.jsonl"
-    if not data.exists():
-        write_dataset(tmp_path, "chat")
-    values = dict(data=str(data), model="tiny-llama", adapter="mora", r=8, max_steps=3, batch_size=4, max_length=64,
-                  learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant")
-    values.update(overrides)
-    return values
 
 
 def test_submit_with_redis_down_says_so_in_one_line_and_leaves_no_run(tmp_path, tiny_model_dir):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(_config(tmp_path)))
+    config.write_text(yaml.safe_dump(tiny_run_config(tmp_path, max_steps=3)))
     env = studio_env(tmp_path, free_port(), MORA_MODELS_DIR=str(Path(tiny_model_dir).parent))
     env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     submit = subprocess.run([sys.executable, "-m", "app.cli", "submit", str(config)], env=env, cwd=ROOT,
@@ -69,7 +58,7 @@ def _restart_redis(world) -> None:
 def test_queued_runs_lost_in_a_redis_restart_are_sent_again_and_each_trains_once(world, tmp_path):
     service = StudioService(world.store, runs_dir=world.root / "runs")
     steps = [400, 3, 3]  # the first trains long enough for its duplicate to reach the other worker meanwhile
-    runs = [service.submit(_config(tmp_path, seed=i, max_steps=n), name=f"queued {i}") for i, n in enumerate(steps)]
+    runs = [service.submit(tiny_run_config(tmp_path, seed=i, max_steps=n), name=f"queued {i}") for i, n in enumerate(steps)]
     client = bus.connect(world.redis.url)
     assert all(client.exists(sent_key(run.id)) for run in runs)
     _restart_redis(world)  # no worker yet: the three tasks are lost with it
@@ -86,7 +75,7 @@ def test_queued_runs_lost_in_a_redis_restart_are_sent_again_and_each_trains_once
         long_run = world.store.get_run(runs[0].id)
         assert long_run.status in ("queued", "running"), long_run.status_message
         for run in runs:
-            assert wait_for(lambda: world.store.get_run(run.id).status in TERMINAL and
+            assert wait_for(lambda: world.store.get_run(run.id).status in TERMINAL_STATUSES and
                             world.store.get_run(run.id).status, 180, f"run {run.id} to end") == "succeeded"
     finally:
         reconciler.stop()

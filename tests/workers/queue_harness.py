@@ -13,6 +13,7 @@ from workers import bus
 from workers.collector import Collector
 from workers.embedded_redis import EmbeddedRedis
 from workers.processes import ProcessGroup, WorkerSpec, celery_command, worker_env
+from tests.workers.sample_data import write_dataset
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, every: float = 0.1):
@@ -70,3 +71,14 @@ def make_world(root: Path, tiny_model_dir: Path) -> QueueWorld:
     os.environ["REDIS_URL"] = redis.url  # the service sends jobs to the Redis named here
     store = Store(f"sqlite:///{root / 'studio.db'}")
     return QueueWorld(root, redis, store, ProcessGroup(root / "logs"), env)
+
+
+def tiny_run_config(tmp_path: Path, **overrides) -> dict:
+    """Train settings for a short run of the tiny model on the sample chat data (written once into `tmp_path`)."""
+    data = tmp_path / "chat.jsonl"
+    if not data.exists():
+        write_dataset(tmp_path, "chat")
+    values = dict(data=str(data), model="tiny-llama", adapter="mora", r=8, max_steps=20, batch_size=4, max_length=64,
+                  learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant")
+    values.update(overrides)
+    return values
