@@ -298,7 +298,7 @@ def test_groups_extending_a_sweep_read_as_one_table(store, tmp_path):
                                            (0, "run 1 to 10 seeds"), ([1, 2_000_000], "each from 0 to 1,000,000")])
 def test_seed_counts_are_bounded_before_anything_is_listed(seeds, problem):
     with pytest.raises(ValueError, match=problem):
-        bench._seed_list(seeds)
+        bench.plan._seed_list(seeds)
     text = ",".join(map(str, seeds)) + ("" if len(seeds) > 1 else ",") if isinstance(seeds, list) else str(seeds)
     with pytest.raises(ValueError, match=problem):
         bench.parse_seeds(text)
