@@ -23,12 +23,14 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                     "merge_and_unload", "remove_adapter", "set_active_adapter", "unmerge_adapter"),
     "mora.io": ("AdapterFormatError", "load_adapter", "read_adapter_config", "save_adapter"),
     "mora.layers": ("AdaptedLinear", "LoRAAdapter", "MoRAAdapter"),
+    "mora.lora_export": ("NotExactLoRA", "add_exact_lora", "lora_problem"),
     "mora.remora": ("remora_step", "reset_optimizer_state"),
     "mora.variants": ("VariantSpec", "default_variant", "r_hat", "register_variant", "unregister_variant",
                       "variant_names"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = ("config", "diagnostics", "functional", "fused", "inject", "io", "layers", "remora", "variants")
+_SUBMODULES = ("config", "diagnostics", "functional", "fused", "inject", "io", "layers", "lora_export", "remora",
+               "variants")
 
 __all__ = sorted(_HOME)
 

@@ -129,6 +129,17 @@ def _forward_truncation(x: torch.Tensor, M: torch.Tensor, in_features: int, out_
     return F.pad(z, (0, out_features - kept_out))
 
 
+def _truncate_in(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Truncation's compression as a map (`x[:r̂]`, zeros past `k`), for code that needs the maps themselves: the
+    forward above uses only the rows and columns that survive."""
+    return F.pad(x[..., :side], (0, max(0, side - x.shape[-1])))
+
+
+def _zeros_out(z: torch.Tensor, length: int) -> torch.Tensor:
+    """Truncation's decompression as a map: `[z; 0]` cut or padded to `length`."""
+    return F.pad(z[..., :length], (0, max(0, length - z.shape[-1])))
+
+
 def _forward_chunked(rotate: bool) -> Callable:
     def forward(x: torch.Tensor, M: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
         """Eq. 9 (rope) or Eq. 8 (decouple): one M per chunk, rotated by the chunk's angle, then cut or tiled."""
@@ -255,7 +266,8 @@ for _name, _contiguous_in, _tiled_out in (("sharing", False, True), ("type2", Tr
                     decompress=_tile if _tiled_out else _repeat_interleave,
                     delta=_delta_grouped(_contiguous_in, _tiled_out))
 variants.attach("sharing", fused_add=sharing_add)
-variants.attach("truncation", forward=_forward_truncation, delta=_delta_truncation)
+variants.attach("truncation", forward=_forward_truncation, delta=_delta_truncation, compress=_truncate_in,
+                decompress=_zeros_out)
 variants.attach("rope", forward=_forward_chunked(rotate=True), delta=_delta_chunked(rotate=True))
 variants.attach("decouple", forward=_forward_chunked(rotate=False), delta=_delta_chunked(rotate=False))
 del _name, _contiguous_in, _tiled_out
