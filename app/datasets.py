@@ -16,7 +16,9 @@ from typing import Optional
 
 from storage.records import DatasetRecord
 from storage.repo import Store
-from workers.data import FORMATS, DatasetError, inspect_dataset
+from workers.data_readers import FORMATS, DatasetError
+from workers.data_schemas import inspect_dataset
+from workers.formatting import format_bytes
 
 
 @dataclass
@@ -44,7 +46,7 @@ def ingest_upload(store: Store, datasets_dir: Path, uploaded: Path, original_nam
                                   f"upload one of {', '.join(FORMATS)}")
     size = Path(uploaded).stat().st_size
     if max_bytes is not None and size > max_bytes:
-        return UploadResult(None, f"{display}: {size / 2**20:.1f} MiB is over the {max_bytes / 2**20:.0f} MiB "
+        return UploadResult(None, f"{display}: {format_bytes(size)} is over the {format_bytes(max_bytes)} "
                                   "limit on an upload; raise MORA_MAX_UPLOAD_MB to accept it")
     datasets_dir.mkdir(parents=True, exist_ok=True)
     staged = datasets_dir / f".{uuid.uuid4().hex}{suffix}"
@@ -94,7 +96,7 @@ def delete_dataset(store: Store, dataset_id: int) -> str:
 
 
 def datasets_rows(store: Store) -> list[list]:
-    return [[d.id, d.name, d.file_format, d.schema, d.rows, f"{d.size_bytes / 2**20:.2f} MiB",
+    return [[d.id, d.name, d.file_format, d.schema, d.rows, format_bytes(d.size_bytes),
              d.created_at.strftime("%Y-%m-%d %H:%M")] for d in store.list_datasets()]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from storage.records import ArtifactRecord, MetricPointRecord, RunRecord
-from workers.models import format_parameters
+from workers.formatting import format_bytes, format_parameters
 
 RUN_COLUMNS = ("id", "name", "adapter", "r", "status", "progress", "ETA", "final loss", "tokens/s", "disk", "created")
 ADAPTER_COLUMNS = ("run", "adapter", "r̂", "trainable params", "adapter size", "mean effective rank", "tokens/s",
@@ -32,19 +32,6 @@ Series = Mapping[str, Mapping[str, Sequence[MetricPointRecord]]]
 
 
 # -- formatting -------------------------------------------------------------------------------------------------
-
-
-def format_bytes(n: Optional[float]) -> str:
-    """Binary units: 512 → "512 B", 9_751_756 → "9.3 MiB", 1_288_490_189 → "1.2 GiB"."""
-    if n is None:
-        return ""
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        text = f"{n:.1f}" if n < 100 else f"{n:.0f}"
-        if float(text) < 1024 or unit == "TiB":  # 1023.97 KiB reads better as 1.0 MiB
-            return f"{text} {unit}"
 
 
 def format_duration(seconds: float) -> str:
@@ -241,6 +228,5 @@ def _slug(text: str, fallback: str) -> str:
 
 
 __all__ = ["RUN_COLUMNS", "ADAPTER_COLUMNS", "runs_table_rows", "config_diff", "adapter_metrics_rows",
-           "metrics_csv", "metrics_csv_filename", "write_metrics_csv", "format_parameters", "format_bytes",
-           "format_duration", "adapter_label", "run_labels", "progress_text", "eta_seconds", "primary_artifact",
+           "metrics_csv", "metrics_csv_filename", "write_metrics_csv", "format_duration", "adapter_label", "run_labels", "progress_text", "eta_seconds", "primary_artifact",
            "r_hat_text"]

@@ -6,10 +6,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from app.runs_view import format_bytes
 from storage.records import RunRecord
 from storage.repo import TERMINAL_STATUSES
 from workers import api
+from workers.formatting import format_bytes
 
 WORKER_COLUMNS = ("worker", "queues", "device", "memory", "last seen")
 USAGE_COLUMNS = ("folder", "files", "size")
@@ -77,8 +77,13 @@ def workers_rows() -> list[list]:
     except Exception as error:  # Redis unreachable: say so in the table rather than failing the page
         return [[f"Redis unreachable: {error}", "", "", "", ""]]
     now = time.time()
-    return [[w["name"], ", ".join(w.get("queues", [])), w.get("device", "?"), f"{w.get('memory_gb', '?')} GiB",
+    return [[w["name"], ", ".join(w.get("queues", [])), w.get("device", "?"), _memory(w.get("memory_gb")),
              f"{now - w.get('seen', now):.0f} s ago"] for w in workers]
+
+
+def _memory(gib: object) -> str:
+    """A worker reports its device's memory in GiB."""
+    return format_bytes(gib * 2**30) if isinstance(gib, (int, float)) else "?"
 
 
 def queues_markdown() -> str:

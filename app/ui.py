@@ -10,7 +10,8 @@ import gradio as gr
 from app import bench, chat_view, datasets, runs_dashboard, runs_view, settings, system_view, train_view
 from app.service import ServiceError, StudioService
 from storage.repo import STATUSES, StorageError
-from workers.data import FORMATS
+from workers.data_readers import FORMATS
+from workers.formatting import format_parameters
 from workers.models import list_models
 from mora.variants import variant_names
 from workers.train_config import ADAPTERS, DTYPES, SCHEDULES, ConfigError
@@ -25,7 +26,7 @@ FRIENDLY_ERRORS = (ConfigError, ServiceError, StorageError, ValueError)
 
 
 def _model_choices() -> list[tuple[str, str]]:
-    return [(f"{m.name} ({runs_view.format_parameters(m.parameters)})", m.name) for m in list_models()]
+    return [(f"{m.name} ({format_parameters(m.parameters)})", m.name) for m in list_models()]
 
 
 def _dataset_choices(service: StudioService) -> list[tuple[str, int]]:

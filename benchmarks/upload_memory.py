@@ -50,7 +50,7 @@ def measure_here(side: str, path: Path, model: str | None) -> dict:
             def work() -> str:
                 return ingest_upload(store, Path(folder) / "datasets", path, path.name).message
         else:
-            from workers.data import DatasetError
+            from workers.data_readers import DatasetError
             from workers.utility import preview_examples, tokenizer_for
 
             tokenizer_for(model)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from workers.formatting import format_bytes
 from workers.train_config import ADAPTERS, ConfigError, TrainConfig
 
 def _option(name: str) -> str:
@@ -97,7 +98,7 @@ class _ProgressLine:
         elif kind == "adapter":
             rank = event.get("effective_rank") or {}
             extra = f", mean effective rank {rank['mean']:.1f}" if rank else ""
-            self._line(f"saved {event['output_kind']} to {event['path']} ({event['size_bytes'] / 2**20:.1f} MiB, "
+            self._line(f"saved {event['output_kind']} to {event['path']} ({format_bytes(event['size_bytes'])}, "
                        f"{event['trainable_parameters']:,} trained parameters{extra})")
 
     def _line(self, text: str) -> None:

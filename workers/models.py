@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Union
 
+from workers.formatting import format_parameters
 from workers.settings import models_dir
 
 if TYPE_CHECKING:
@@ -152,18 +153,6 @@ def describe_models_table(models: list[ModelInfo]) -> str:
     widths = [max(len(row[column]) for row in rows) for column in range(len(header) - 1)]
     return "\n".join("  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]])
                      for row in rows)
-
-
-def format_parameters(count: Optional[int]) -> str:
-    """Three significant digits, so the model list, the runs table and the CLI read alike:
-    2_436_096 → "2.44M", 134_515_008 → "135M", 999 → "999"; None (not known) → ""."""
-    if count is None:
-        return ""
-    rounded = float(f"{count:.3g}")
-    for size, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if rounded >= size:
-            return f"{rounded / size:.3g}{unit}"
-    return str(count)
 
 
 def _registered_paths() -> dict[str, Path]:

@@ -21,7 +21,8 @@ import torch
 
 import mora
 from workers import bus
-from workers.data import DatasetError, preview
+from workers.data import preview
+from workers.data_readers import DatasetError
 from workers.models import ModelError, ModelInfo, ensure_default_model, resolve_model
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,7 @@ from app.runs_view import (
     RUN_COLUMNS,
     adapter_metrics_rows,
     config_diff,
-    format_bytes,
     format_duration,
-    format_parameters,
     metrics_csv,
     primary_artifact,
     run_labels,
@@ -20,6 +18,7 @@ from app.runs_view import (
 )
 from storage.records import ArtifactRecord, RunRecord
 from storage.repo import Store
+from workers.formatting import format_bytes, format_parameters
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 CONFIG = {"adapter": "mora", "r": 8, "variant": "rope", "learning_rate": 3e-4, "batch_size": 4, "seed": 0,

@@ -11,7 +11,7 @@ from app import datasets
 from benchmarks.upload_memory import measure, write_chat_jsonl
 from storage.repo import Store
 from tests.workers.test_data import BAD_DATASETS, BAD_FILES
-from workers.data import FORMATS
+from workers.data_readers import FORMATS
 
 UPLOADABLE = sorted(name for name in BAD_FILES if Path(name).suffix in FORMATS)
 

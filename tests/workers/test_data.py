@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from workers.data import DatasetError, build_datasets, collate, inspect_dataset, preview
+from workers.data import build_datasets, collate, preview
+from workers.data_readers import DatasetError
+from workers.data_schemas import inspect_dataset
 
 BAD_DATASETS = Path(__file__).parent / "bad_datasets"
 IM_END = "<|im_end|>"

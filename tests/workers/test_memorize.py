@@ -10,7 +10,8 @@ import pytest
 from app.cli import build_parser
 from storage.repo import Store
 from workers.collector import Collector
-from workers.data import build_datasets, inspect_dataset
+from workers.data import build_datasets
+from workers.data_schemas import inspect_dataset
 from workers.events import read_events
 from workers.memorize import (FORMAT_ONLY_CHAR_ACCURACY, char_accuracy, evaluate_pairs, exact_match, generate_values,
                               make_uuid_pairs, random_uuid, read_pairs, score, write_pairs_dataset)
