@@ -23,7 +23,7 @@ def _service():
 def cmd_up(args: argparse.Namespace) -> int:
     from app.security import create_private_folder
     from workers.embedded_redis import EmbeddedRedis, stored_password
-    from workers.models import ensure_default_model
+    from workers.default_model import ensure_default_model
     from workers.settings import embedded_redis_config_file, embedded_redis_file, embedded_redis_password_file
     from workers.processes import ProcessGroup, celery_command, run_until_signalled, worker_env, worker_specs
 

@@ -159,7 +159,8 @@ def resolve_chat_target(model: Optional[str], adapter: Optional[Path]) -> tuple[
 def cmd_chat(args: argparse.Namespace) -> int:
     import mora
     from workers.generation import GenerationSettings, LengthError, check_lengths, context_length, stream_chat
-    from workers.models import ModelError, load_model
+    from workers.model_loading import load_model
+    from workers.models import ModelError
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     try:  # before the model loads: a bad option costs nothing
@@ -211,7 +212,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from workers.models import ModelError, add_model, describe_models_table, ensure_default_model, list_models, remove_model
+    from workers.default_model import ensure_default_model
+    from workers.models import ModelError, add_model, describe_models_table, list_models, remove_model
 
     try:
         if args.add:

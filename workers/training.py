@@ -28,7 +28,8 @@ import mora
 from workers.data import build_datasets, collate
 from workers.events import EventPublisher, EventSink, JsonlSink
 from workers.memorize import evaluate_pairs, read_pairs
-from workers.models import load_model, resolve_model
+from workers.model_loading import load_model
+from workers.models import resolve_model
 from workers.train_config import TrainConfig
 
 log = logging.getLogger(__name__)

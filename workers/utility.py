@@ -23,7 +23,8 @@ import mora
 from workers import bus
 from workers.data import preview
 from workers.data_readers import DatasetError
-from workers.models import ModelError, ModelInfo, ensure_default_model, resolve_model
+from workers.default_model import ensure_default_model
+from workers.models import ModelError, ModelInfo, resolve_model
 
 log = logging.getLogger(__name__)
 

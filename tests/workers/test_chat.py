@@ -17,7 +17,7 @@ from workers import api, bus
 from workers.chat import ChatEngine, StopCheck
 from workers.embedded_redis import EmbeddedRedis
 from workers.generation import GenerationSettings, reply
-from workers.models import load_model
+from workers.model_loading import load_model
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"max_new_tokens": 12, "temperature": 0.0}

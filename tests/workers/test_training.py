@@ -6,7 +6,7 @@ import torch
 
 import mora
 from workers.events import read_events
-from workers.models import load_model
+from workers.model_loading import load_model
 from workers.train_config import ConfigError, TrainConfig, default_learning_rate
 from workers.training import latest_checkpoint, run_training
 from tests.workers.sample_data import write_dataset

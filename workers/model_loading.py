@@ -1,0 +1,44 @@
+"""Loading a model from the registry: safetensors only, no remote code, never the hub."""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Union
+
+from workers.default_model import ensure_default_model
+from workers.models import ModelError, resolve_model
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def load_model(name_or_path: Union[str, os.PathLike, None] = None, dtype: Union[str, "torch.dtype", None] = None,
+               device: str = "cpu") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load a model and its tokenizer from a local folder: safetensors only, no remote code, never the hub.
+
+    `dtype` None keeps the dtype on disk. The default model is converted first if it has not been yet."""
+    info = resolve_model(name_or_path)
+    if not info.prepared:
+        ensure_default_model()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ModelError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(info.path, dtype="auto" if dtype is None else dtype,
+                                                     local_files_only=True, trust_remote_code=False,
+                                                     use_safetensors=True)
+    except Exception as error:  # any failure here is a property of the folder the user chose
+        raise ModelError(f"{info.path}: cannot load the model ({type(error).__name__}: {error})") from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(info.path, local_files_only=True, trust_remote_code=False)
+    except Exception as error:
+        raise ModelError(f"{info.path}: cannot load the tokenizer ({type(error).__name__}: {error})") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device), tokenizer
