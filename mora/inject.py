@@ -45,14 +45,19 @@ def matches_target(path: str, target_modules: TargetModules) -> bool:
     return any(path == name or path.endswith("." + name) for name in target_modules)
 
 
+def candidate_layers(model: nn.Module) -> list[str]:
+    """Paths of every layer an adapter could go on: linear layers and already adapted ones, never the wrapped base
+    layer or an adapter's own modules."""
+    return [path for path, module in model.named_modules()
+            if not _inside_adapted(path) and (isinstance(module, AdaptedLinear) or is_adaptable(module))]
+
+
 def find_target_modules(model: nn.Module, target_modules: TargetModules = None) -> list[str]:
     """Paths of the layers an adapter goes on; by default every linear layer in the repeated blocks, never the
     LM head or the embeddings (the paper adapts attention and MLP projections)."""
     heads = _output_embedding_paths(model)
     found = []
-    for path, module in model.named_modules():
-        if _inside_adapted(path) or not (isinstance(module, AdaptedLinear) or is_adaptable(module)):
-            continue
+    for path in candidate_layers(model):
         if target_modules is None:
             wanted = _BLOCK_INDEX.search(path) is not None and path not in heads
         else:
@@ -75,7 +80,7 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
     return {path: m for path, m in model.named_modules() if isinstance(m, AdaptedLinear)}
 
 
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
 
@@ -90,7 +95,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig, activate: bo
         layer = model.get_submodule(path)
         if not isinstance(layer, AdaptedLinear):
             layer = AdaptedLinear(layer)
-            _replace(model, path, layer)
+            replace_module(model, path, layer)
         layer.add_adapter(name, config)
     if activate or active_adapter(model) is None:
         set_active_adapter(model, name)
@@ -178,7 +183,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         if name in layer.adapters:
             layer.remove_adapter(name)
         if not len(layer.adapters):
-            _replace(model, path, layer.base_layer)
+            replace_module(model, path, layer.base_layer)
     _freeze_all_but(model, active_adapter(model))
 
 
@@ -190,7 +195,7 @@ def merge_and_unload(model: nn.Module, names: Optional[Sequence[str]] = None) ->
     for path, layer in adapted_layers(model).items():
         layer.unmerge([n for n in layer.merged_adapters if n not in chosen])
         layer.merge([n for n in chosen if n in layer.adapters])
-        _replace(model, path, layer.base_layer)
+        replace_module(model, path, layer.base_layer)
     return model
 
 

@@ -19,8 +19,9 @@ from torch import nn
 
 from mora import variants
 from mora.config import LoRAConfig, MoRAConfig
-from mora.inject import adapted_layers, adapter_info, matches_target, set_active_adapter
-from mora.layers import AdaptedLinear, MoRAAdapter, is_adaptable, is_transposed_linear
+from mora.inject import (adapted_layers, adapter_info, adapter_names, candidate_layers, matches_target,
+                         replace_module, set_active_adapter)
+from mora.layers import AdaptedLinear, MoRAAdapter, layer_features
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,8 +37,7 @@ class AdapterFormatError(ValueError):
 def _target_modules_for(model: nn.Module, paths: list[str]) -> Union[list[str], str]:
     """Module names for peft's config: short names when they select exactly our layers, else an exact-path regex."""
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    candidates = [p for p, m in model.named_modules() if isinstance(m, AdaptedLinear) or is_adaptable(m)]
-    selected = {p for p in candidates if matches_target(p, names) and not p.endswith(".base_layer")}
+    selected = {p for p in candidate_layers(model) if matches_target(p, names)}
     if selected == set(paths):
         return names
     return "|".join(re.escape(p) for p in paths)
@@ -140,11 +140,11 @@ def load_adapter(
     r = int(config.get("r", 8))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     paths = list(per_layer)
-    available = {p for p, m in model.named_modules() if isinstance(m, AdaptedLinear) or is_adaptable(m)}
+    available = set(candidate_layers(model))
     missing = [p for p in paths if p not in available]
     if missing:
         raise AdapterFormatError(f"{folder}: the model has no linear layer {missing[0]!r} ({len(missing)} missing)")
-    if name in {n for layer in adapted_layers(model).values() for n in layer.adapters}:
+    if name in adapter_names(model):
         raise ValueError(f"the model already has an adapter named {name!r}")
     for path in paths:  # validate everything first, so a bad folder leaves the model untouched
         _validate_layer(model.get_submodule(path), path, per_layer[path], is_mora, folder)
@@ -152,9 +152,8 @@ def load_adapter(
         parts = per_layer[path]
         layer = model.get_submodule(path)
         if not isinstance(layer, AdaptedLinear):
-            parent, _, child = path.rpartition(".")
             layer = AdaptedLinear(layer)
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            replace_module(model, path, layer)
         if is_mora:
             _load_mora_layer(layer, name, parts, MoRAConfig(r=r, variant=variant, dropout=dropout))
         else:
@@ -166,14 +165,8 @@ def load_adapter(
     return name
 
 
-def _features(module: nn.Module) -> tuple[int, int]:
-    weight = module.weight
-    transposed = module.transposed if isinstance(module, AdaptedLinear) else is_transposed_linear(module)
-    return (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
-
-
 def _validate_layer(module: nn.Module, path: str, parts: dict, is_mora: bool, folder: Path) -> None:
-    in_features, out_features = _features(module)
+    in_features, out_features = layer_features(module)
     where = f"{folder}: {path}"
     if is_mora:
         M = parts.get("A", parts.get("B"))

@@ -107,6 +107,13 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_transposed_linear(module)
 
 
+def layer_features(module: nn.Module) -> tuple[int, int]:
+    """`(in_features, out_features)` of a linear layer, a transposed `Conv1D` or an AdaptedLinear around either."""
+    weight = module.weight
+    transposed = module.transposed if isinstance(module, AdaptedLinear) else is_transposed_linear(module)
+    return (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+
+
 def build_adapter(in_features: int, out_features: int, config: AdapterConfig, device=None) -> nn.Module:
     if isinstance(config, MoRAConfig):
         return MoRAAdapter(in_features, out_features, config, device=device)
@@ -128,9 +135,7 @@ class AdaptedLinear(nn.Module):
             raise TypeError(f"can only adapt nn.Linear or Conv1D layers, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.transposed = is_transposed_linear(base_layer)
-        weight = base_layer.weight
-        self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if self.transposed else (
-            weight.shape[1], weight.shape[0])
+        self.in_features, self.out_features = layer_features(base_layer)
         self.adapters = nn.ModuleDict()
         self.active_adapter: Optional[str] = None
         self.merged_adapters: list[str] = []
