@@ -25,8 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+from storage.statuses import STATUSES, TERMINAL_STATUSES  # noqa: F401 (re-exported for the store)
+
 ARTIFACT_KINDS = ("adapter", "model")
 CHAT_ROLES = ("system", "user", "assistant")
 

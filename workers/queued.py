@@ -9,19 +9,22 @@
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any, Optional
 
 import redis
+import torch
 
 from workers import bus
+from workers.celery_app import TRAIN_QUEUE
 from workers.events import EventPublisher, JsonlSink
+from workers.settings import train_memory_limit_gb
 from workers.train_config import TrainConfig
-from workers.training import latest_checkpoint, run_training  # at worker start-up, not at the first job's pickup
-
-TERMINAL = ("succeeded", "failed", "cancelled")
-
+from storage.statuses import TERMINAL_STATUSES
+from workers.job_process import JobExit, killed_message, run_in_child
+from workers.training import LOWER_MEMORY, latest_checkpoint, record_failure, run_training
 
 def _flag_checker(client: redis.Redis, run_id: str):
     def should_stop() -> bool:
@@ -35,14 +38,13 @@ def _flag_checker(client: redis.Redis, run_id: str):
 
 def run_queued_training(url: str, run_id: str, config: dict[str, Any], run_dir: str, resume_from: Optional[str],
                         worker: str) -> str:
-    """Run one queued job and return its final status."""
+    """Run one queued job, in a child process (workers.job_process), and return its final status."""
     client = bus.connect(url)
     previous = bus.get_state(client, run_id)
-    if previous in TERMINAL:
+    if previous in TERMINAL_STATUSES:
         return previous
-    sink = bus.RedisStreamSink(client, run_id)
+    publisher = EventPublisher(run_id, [JsonlSink(Path(run_dir) / "metrics.jsonl"), bus.RedisStreamSink(client, run_id)])
     if bus.cancel_requested(client, run_id):
-        publisher = EventPublisher(run_id, [JsonlSink(Path(run_dir) / "metrics.jsonl"), sink])
         publisher.status("cancelled", "cancelled before it started")
         bus.set_state(client, run_id, "cancelled")
         return "cancelled"
@@ -51,11 +53,37 @@ def run_queued_training(url: str, run_id: str, config: dict[str, Any], run_dir: 
     bus.set_state(client, run_id, "running")
     checkpoint = latest_checkpoint(Path(resume_from)) if resume_from else None
     with bus.Heartbeat(client, run_id, worker):
-        result = run_training(TrainConfig.from_dict(config), Path(run_dir), run_id=run_id, sinks=[sink],
-                              should_stop=_flag_checker(client, run_id), resume_from=checkpoint,
-                              worker=worker)
-    bus.set_state(client, run_id, result.status)
-    return result.status
+        limit_gb = train_memory_limit_gb()
+        ended = run_in_child(train_in_child, (url, run_id, config, run_dir, str(checkpoint or ""), worker),
+                             on_start=lambda pid: publisher.log(f"training in process {pid} on {worker}"),
+                             memory_limit_bytes=int(limit_gb * 2**30) if limit_gb else None)
+    status = None if ended.over_limit else STATUS_BY_EXIT_CODE.get(ended.code)
+    if status is None:
+        status = "failed"
+        record_failure(Path(run_dir), publisher, _ended_message(ended, limit_gb))
+    bus.set_state(client, run_id, status)
+    return status
+
+
+def _ended_message(ended: JobExit, limit_gb: Optional[float]) -> str:
+    if ended.over_limit:
+        return (f"the training job held {ended.rss_bytes / 2**30:.1f} GiB, over this worker's limit of {limit_gb:g} "
+                f"GiB (MORA_TRAIN_MEMORY_LIMIT_GB), and was stopped: {LOWER_MEMORY}")
+    return killed_message(ended.code, LOWER_MEMORY)
+
+
+EXIT_CODE_BY_STATUS = {"succeeded": 0, "failed": 10, "cancelled": 11}
+STATUS_BY_EXIT_CODE = {code: status for status, code in EXIT_CODE_BY_STATUS.items()}
+
+
+def train_in_child(url: str, run_id: str, config: dict[str, Any], run_dir: str, checkpoint: str, worker: str) -> int:
+    """The child's side: train, publishing to the run's stream, and say how it ended by the exit code (the run's own
+    events already carry its message)."""
+    client = bus.connect(url)
+    result = run_training(TrainConfig.from_dict(config), Path(run_dir), run_id=run_id,
+                          sinks=[bus.RedisStreamSink(client, run_id)], should_stop=_flag_checker(client, run_id),
+                          resume_from=Path(checkpoint) if checkpoint else None, worker=worker)
+    return EXIT_CODE_BY_STATUS[result.status]
 
 
 class WorkerPresence:
@@ -74,7 +102,7 @@ class WorkerPresence:
         self._stop.set()
 
     def _loop(self) -> None:
-        device = describe_device()
+        device = describe_device(trains=TRAIN_QUEUE in self.queues)
         while not self._stop.is_set():
             try:
                 bus.announce_worker(self.client, self.name, {"queues": self.queues, **device})
@@ -83,13 +111,12 @@ class WorkerPresence:
             self._stop.wait(bus.WORKER_TTL_S / 3)
 
 
-def describe_device() -> dict[str, Any]:
-    import torch
-
+def describe_device(trains: bool = False) -> dict[str, Any]:
+    """The device a worker computes on; a training worker's CPU memory is its jobs' limit where one is set."""
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return {"device": props.name, "memory_gb": round(props.total_memory / 2**30, 1), "kind": "cuda"}
-    import os
-
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"device": f"CPU ({os.cpu_count()} cores)", "memory_gb": round(memory, 1), "kind": "cpu"}
+    limit = train_memory_limit_gb() if trains else None
+    return {"device": f"CPU ({os.cpu_count()} cores)", "memory_gb": round(min(memory, limit or memory), 1),
+            "kind": "cpu"}

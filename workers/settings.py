@@ -92,3 +92,20 @@ def max_row_mb() -> int:
     """MORA_MAX_ROW_MB (default 16): the most MiB one row (a line, a CSV record, a paragraph, a JSON element)
     may hold, so one row never has to be read whole into memory to be refused."""
     return positive_int("MORA_MAX_ROW_MB", 16)
+
+
+def train_memory_limit_gb() -> float | None:
+    """MORA_TRAIN_MEMORY_LIMIT_GB (default: none): the most resident memory one training job may hold. A job past
+    it is stopped and its run fails with what to lower, instead of the kernel's OOM killer choosing a process to kill
+    on a shared machine; a CPU worker reports it as its memory, so the Train tab's estimate checks against it."""
+    raw = os.environ.get("MORA_TRAIN_MEMORY_LIMIT_GB", "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingError(f"MORA_TRAIN_MEMORY_LIMIT_GB must be a number of GiB, found {raw!r}") from None
+    if not 0.5 <= value <= 65_536:
+        raise SettingError(f"MORA_TRAIN_MEMORY_LIMIT_GB must be between 0.5 and 65536 GiB, found {raw}")
+    return value
+

@@ -5,7 +5,8 @@ from typing import Any, Optional
 
 from celery.signals import worker_ready, worker_shutdown
 
-from workers.celery_app import CHAT_TASK, TRAIN_TASK, UTILITY_TASK, app
+from workers import job_process
+from workers.celery_app import CHAT_TASK, TRAIN_QUEUE, TRAIN_TASK, UTILITY_TASK, app
 from workers.chat import run_queued_chat
 from workers.queued import WorkerPresence, run_queued_training
 from workers.settings import redis_url
@@ -33,6 +34,8 @@ def utility(request_id: str, kind: str, payload: dict[str, Any]) -> None:
 @worker_ready.connect
 def _announce(sender=None, **kwargs) -> None:
     queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
+    if TRAIN_QUEUE in queues:
+        job_process.start_server()  # torch imported once now, not at the first job
     _presence["worker"] = WorkerPresence(redis_url() or app.conf.broker_url, sender.hostname, queues).start()
 
 

@@ -312,12 +312,17 @@ def run_training(
         publisher.status("running", "loading model and data", worker=worker)
         return _train(config, run_dir, publisher, should_stop, resume_from)
     except Exception as error:  # the user sees a message; the traceback stays in the log line for developers
-        message = _user_message(error)
         publisher.log(f"{type(error).__name__}: {error}", level="error")
-        publisher.status("failed", message)
-        result = TrainResult("failed", str(run_dir), None, None, 0, None, message)
-        (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-        return result
+        return record_failure(run_dir, publisher, _user_message(error))
+
+
+def record_failure(run_dir: Path, publisher: EventPublisher, message: str) -> TrainResult:
+    """End a run as failed: its `status` event and its result.json say why (also used by the worker when the
+    training process itself was killed and could not say so)."""
+    publisher.status("failed", message)
+    result = TrainResult("failed", str(run_dir), None, None, 0, None, message)
+    (Path(run_dir) / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
 
 
 LOWER_MEMORY = "lower batch_size or max_length, or enable gradient_checkpointing"
