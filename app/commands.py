@@ -24,7 +24,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from app.security import create_private_folder
     from workers.embedded_redis import EmbeddedRedis, stored_password
     from workers.default_model import ensure_default_model
-    from workers.settings import embedded_redis_config_file, embedded_redis_file, embedded_redis_password_file
+    from workers.settings import (configured_redis_url, embedded_redis_config_file, embedded_redis_file,
+                                  embedded_redis_password_file)
     from workers.processes import ProcessGroup, celery_command, run_until_signalled, worker_env, worker_specs
 
     create_private_folder(settings.data_dir())  # first, so that nothing below creates it with the default mode
@@ -34,7 +35,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     group = ProcessGroup(settings.logs_dir())
     published = embedded_redis_file()
     try:
-        if not env.get("REDIS_URL"):
+        if not configured_redis_url():
             redis = EmbeddedRedis(log_file=settings.logs_dir() / "redis-server.log",
                                   password=stored_password(embedded_redis_password_file()),
                                   config_file=embedded_redis_config_file())
@@ -59,8 +60,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers.processes import ProcessGroup, celery_command, run_until_signalled, worker_env, worker_specs
+    from workers.settings import configured_redis_url
 
-    if not os.environ.get("REDIS_URL"):
+    if not configured_redis_url():
         print("mora-studio worker: set REDIS_URL to the studio's Redis (the web host's)", file=sys.stderr)
         return 2
     gpus = [g for g in args.gpus.split(",") if g]

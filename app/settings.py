@@ -5,11 +5,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from workers.settings import SettingError, positive_int
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("MORA_DATA_DIR", "data")).expanduser().resolve()
+# The data folder and the runs folder are read where they are defined; the app's modules find them here too.
+from storage.settings import data_dir
+from workers.settings import SettingError, positive_int, runs_dir  # noqa: F401 (runs_dir: for the app's modules)
 
 
 def host() -> str:
@@ -34,10 +32,6 @@ def auth() -> Optional[tuple[str, str]]:
 
 def max_upload_mb() -> int:
     return positive_int("MORA_MAX_UPLOAD_MB", 512)
-
-
-def runs_dir() -> Path:
-    return data_dir() / "runs"
 
 
 def datasets_dir() -> Path:

@@ -3,7 +3,6 @@ app, together."""
 from __future__ import annotations
 
 import logging
-import os
 
 from app import settings
 
@@ -20,11 +19,12 @@ def serve(prevent_thread_lock: bool = False):
     from storage.repo import Store
     from workers.collector import Collector
     from workers.reconciler import Reconciler
+    from workers.settings import configured_redis_url
 
     create_private_folder(settings.data_dir())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     store = Store()
-    redis_url = os.environ.get("REDIS_URL")
+    redis_url = configured_redis_url()
     collector = Collector(store, redis_url).start() if redis_url else None
     if redis_url:
         Reconciler(store, redis_url).start()  # queued runs whose task a Redis restart erased are sent again

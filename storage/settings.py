@@ -9,7 +9,9 @@ from pathlib import Path
 
 
 def data_dir() -> Path:
-    """MORA_DATA_DIR (default ./data): where the SQLite file lives unless MORA_DB_URL says otherwise."""
+    """MORA_DATA_DIR (default ./data): the studio's data folder (datasets, runs, adapters, models, logs, and the
+    SQLite file unless MORA_DB_URL says otherwise), shared between hosts when scaling out. Read here only: this module
+    imports nothing but the standard library, so the workers' and the web app's settings take it from here."""
     return Path(os.environ.get("MORA_DATA_DIR", "data")).expanduser().resolve()
 
 

@@ -163,9 +163,33 @@ def call_worker(kind: str, payload: dict[str, Any], timeout_s: float = 30) -> di
     request_id = uuid.uuid4().hex
     _celery(redis_url() or DEFAULT_URL).send_task(UTILITY_TASK, args=[request_id, kind, payload],
                                                   queue=UTILITY_QUEUE, expires=timeout_s)
+    reply = _wait_for_reply(request_id, timeout_s)
+    if reply is None:
+        raise WorkerUnavailable(f"no chat worker answered the {kind!r} call within {timeout_s:g} s; "
+                                f"{START_CHAT_WORKER}")
+    return reply
+
+
+def _wait_for_reply(request_id: str, timeout_s: float) -> Optional[dict[str, Any]]:
     deadline = time.monotonic() + timeout_s
     while (remaining := deadline - time.monotonic()) > 0:
         item = client().blpop([bus.reply_key(request_id)], timeout=max(0.01, min(remaining, _BLOCK_S)))
         if item is not None:
             return json.loads(item[1])
-    raise WorkerUnavailable(f"no chat worker answered the {kind!r} call within {timeout_s:g} s; {START_CHAT_WORKER}")
+    return None
+
+
+EXPORT_TIME_LIMIT_S = 3600
+
+
+def export_run(request: dict[str, Any], timeout_s: float = EXPORT_TIME_LIMIT_S) -> dict[str, Any]:
+    """Have the utility worker export a run (`request`: a `workers.export.ExportRequest` as a dict) into the data
+    folder's exports/ and wait for it: its result (`path`, `size_bytes`, `files`, `check`, `summary`) or
+    `{"error": message}`, a refusal (the worker is busy with another export, the format does not fit the run) or a
+    failure. The worker answers at once that it started; no answer raises `WorkerUnavailable`."""
+    export_id = uuid.uuid4().hex
+    started = call_worker("export", {"export_id": export_id, "request": request})
+    if "error" in started:
+        return started
+    reply = _wait_for_reply(export_id, timeout_s)
+    return reply if reply is not None else {"error": f"the export sent no result within {timeout_s:g} s"}

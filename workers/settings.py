@@ -4,15 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from storage.settings import data_dir  # MORA_DATA_DIR is read once, in the settings every package may import
+
 
 class SettingError(ValueError):
     """An environment setting with a value the studio cannot use; the message names the variable and what it takes.
     Every command turns it into one line, never a traceback."""
-
-
-def data_dir() -> Path:
-    """MORA_DATA_DIR (default ./data): datasets, runs and adapters; shared between hosts when scaling out."""
-    return Path(os.environ.get("MORA_DATA_DIR", "data")).expanduser().resolve()
 
 
 def models_dir() -> Path:
@@ -28,10 +25,16 @@ def runs_dir() -> Path:
 def redis_url() -> str | None:
     """REDIS_URL: the broker and event bus shared by every host. Unset, the embedded Redis of a running
     `mora-studio up` on this data folder (its address is in the data folder), so `submit`, `cancel`... find it."""
-    if os.environ.get("REDIS_URL"):
-        return os.environ["REDIS_URL"]
+    configured = configured_redis_url()
+    if configured:
+        return configured
     published = embedded_redis_file()
     return published.read_text().strip() or None if published.exists() else None
+
+
+def configured_redis_url() -> str | None:
+    """REDIS_URL as the environment sets it; None when unset (`mora-studio up` then starts an embedded Redis)."""
+    return os.environ.get("REDIS_URL") or None
 
 
 def embedded_redis_file() -> Path:
