@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
+from storage.statuses import STATUSES
+
 EVENT_KINDS = ("status", "step", "eval", "log", "checkpoint", "adapter", "data")
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 class EventSink(Protocol):

@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 from app import settings
 from app.bench.presets import Preset, get_preset
-from storage.repo import TERMINAL_STATUSES, Store
+from storage.repo import Store
+from storage.statuses import TERMINAL_STATUSES
 from workers.memorize import make_uuid_pairs, write_pairs_dataset
 from workers.train_config import TrainConfig
 

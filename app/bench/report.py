@@ -18,7 +18,8 @@ from app import settings
 from app.bench.presets import PAPER_CHECKPOINTS, PAPER_TABLE2
 from app.bench.results import Groups, group_runs, group_title, results_table
 from app.charts import PALETTE
-from storage.repo import TERMINAL_STATUSES, Store
+from storage.repo import Store
+from storage.statuses import TERMINAL_STATUSES
 from workers.memorize import FORMAT_ONLY_CHAR_ACCURACY
 
 
