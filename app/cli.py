@@ -63,11 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--name", default="", help="a name for the run")
     commands.add_parser("runs", help="list runs, newest first")
     add_bench_arguments(commands.add_parser("bench", help="reproduce the MoRA paper's experiments"))
+    add_export_arguments(commands.add_parser(
+        "export", help="write a succeeded run's result in a format other tools load (merged, adapter, lora, gguf)",
+        description="Export a succeeded run. merged: a transformers folder with the adapter merged (transformers, "
+                    "vLLM); adapter: the adapter folder as a zip; lora: an exact LoRA in peft format (MoRA of the "
+                    "sharing family, or a LoRA run) for LoRA servers; gguf: a GGUF file and an Ollama Modelfile "
+                    "(Llama-family models) for llama.cpp and Ollama. Runs here, in this process: no studio needed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     for name, text in (("status", "show one run"), ("cancel", "cancel a queued or running run"),
                        ("resume", "resume a failed or cancelled run from its last checkpoint, as a new run"),
                        ("logs", "print a run's log lines")):
         commands.add_parser(name, help=text).add_argument("run_id")
     return parser
+
+
+def add_export_arguments(export: argparse.ArgumentParser) -> None:
+    export.add_argument("run", help="the run's id or name (`mora-studio runs` lists them)")
+    export.add_argument("--format", required=True, help="merged, adapter, lora or gguf")
+    export.add_argument("--out", type=Path, required=True,
+                        help="where to write: a folder (merged, lora, gguf) or a .zip file (adapter)")
+    export.add_argument("--gguf-type", default="f16", help="the GGUF file's tensor type: f16 or q8_0")
+    export.add_argument("--force", action="store_true",
+                        help="replace --out if it exists (a file, an empty folder or an earlier export only)")
 
 
 def add_bench_arguments(bench: argparse.ArgumentParser) -> None:

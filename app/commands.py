@@ -1,5 +1,5 @@
 """The process and queue commands of `mora-studio`: up, worker, web, submit, runs, status, cancel, resume, logs,
-bench."""
+bench, export."""
 from __future__ import annotations
 
 import argparse
@@ -217,8 +217,26 @@ def _write_bench_results(store, group, out) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """In this process (torch-side, like `train`): the run is read from the store, the export written to --out."""
+    from workers.export import ExportError, ExportRequest, export_to
+
+    request = ExportRequest.from_dict(_service().export_request(args.run, args.format, args.gguf_type))
+    try:
+        result = export_to(request, args.out, force=args.force)
+    except ExportError as error:
+        print(f"mora-studio export: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 (one line, never a traceback: out of memory, a torch error)
+        print(f"mora-studio export: the export failed ({type(error).__name__}: {error})", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
+
+
 COMMANDS = {"up": cmd_up, "worker": cmd_worker, "web": cmd_web, "submit": cmd_submit, "runs": cmd_runs,
-            "status": cmd_status, "cancel": cmd_cancel, "resume": cmd_resume, "logs": cmd_logs, "bench": cmd_bench}
+            "status": cmd_status, "cancel": cmd_cancel, "resume": cmd_resume, "logs": cmd_logs, "bench": cmd_bench,
+            "export": cmd_export}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from app import datasets, settings
-from storage.repo import Store
+from storage.repo import NotFound, Store
 from storage.records import ArtifactRecord, ChatSessionRecord, DatasetRecord, RunRecord, RunsPage
 from workers import api
+from workers.export import ExportError, request_for_run
 from workers.train_config import MAX_NAME_CHARS, ConfigError, TrainConfig
 
 CANCELLABLE = ("queued", "running")
@@ -111,6 +112,33 @@ class StudioService:
 
     def run(self, run_id: str) -> RunRecord:
         return self.store.get_run(run_id)
+
+    def find_run(self, ref: str) -> RunRecord:
+        """A run by its id, or by its name where exactly one run has that name (the command line takes either)."""
+        ref = (ref or "").strip()
+        try:
+            return self.store.get_run(ref)
+        except NotFound:
+            named = [run for run in self.store.list_runs() if run.name == ref]
+        if not named:
+            raise ServiceError(f"no run has the id or name {ref!r}; `mora-studio runs` lists them")
+        if len(named) > 1:
+            raise ServiceError(f"{len(named)} runs are named {ref!r} ({', '.join(run.id for run in named[:5])}"
+                               f"{', ...' if len(named) > 5 else ''}); give the run's id")
+        return named[0]
+
+    def export_request(self, ref: str, format: str, gguf_type: str = "f16") -> dict[str, Any]:
+        """What an export of this run needs (`workers.export.ExportRequest` as a dict): a succeeded run, a known
+        format; the checks that need the model come later, where it loads."""
+        try:
+            return request_for_run(self.find_run(ref), format, gguf_type).to_dict()
+        except ExportError as error:
+            raise ServiceError(str(error)) from None
+
+    def export_download(self, run_id: str, format: str, gguf_type: str = "f16") -> dict[str, Any]:
+        """Export a run on the utility worker into the data folder's exports/ (the Runs tab's download) and wait:
+        the result (`path`, `summary`, ...) or `{"error": message}`."""
+        return api.export_run(self.export_request(run_id, format, gguf_type))
 
     def logs(self, run_id: str, after_seq: int = -1) -> list:
         self.store.get_run(run_id)

@@ -9,6 +9,9 @@ process (started with every chat worker), so they never wait behind a generation
 - `"budget"`, payload `{model, r, variant, target_modules}` (variant and target_modules optional): trainable
   parameters of MoRA and of LoRA at the same r, in total and per layer, from the model's config alone (the model
   is built on the meta device: no weight is read).
+- `"export"`, payload `{export_id, request}`: start exporting a run into the data folder's exports/ (a zip for the
+  Runs tab to offer as a download); `{"started": export_id}` at once, the result later on `export_id`'s reply list
+  (see `workers.export.start_export`).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from workers import bus
 from workers.data import preview
 from workers.data_readers import DatasetError
 from workers.default_model import ensure_default_model
+from workers.export import start_export
 from workers.models import ModelError, ModelInfo, resolve_model
 
 log = logging.getLogger(__name__)
@@ -136,6 +140,7 @@ def _budget(info: ModelInfo, config: mora.MoRAConfig) -> dict[str, Any]:
 HANDLERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "preview": preview_examples,
     "budget": parameter_budget,
+    "export": start_export,  # answers at once; the export runs on a thread of this worker (workers.export)
 }
 
 
