@@ -64,3 +64,25 @@ def allowed_hosts() -> list[str]:
 def upload_cache_s() -> int:
     """MORA_UPLOAD_CACHE_S (default 3600): Gradio's copies of uploads older than this are deleted, checked as often."""
     return positive_int("MORA_UPLOAD_CACHE_S", 3600)
+
+
+def api_keys() -> list[str]:
+    """MORA_API_KEYS: comma-separated bearer tokens, one of which every OpenAI-compatible API request must carry
+    (`Authorization: Bearer KEY`). Unset, the API answers only clients on this machine (loopback) and only while the
+    studio has no login (MORA_AUTH)."""
+    keys = [key.strip() for key in os.environ.get("MORA_API_KEYS", "").split(",") if key.strip()]
+    for key in keys:
+        if len(key) < 8 or not key.isascii() or not key.isprintable() or " " in key:
+            raise SettingError("MORA_API_KEYS: each key must be at least 8 printable ASCII characters without spaces "
+                               "(keys are comma-separated)")
+    return keys
+
+
+def api_max_body_kb() -> int:
+    """MORA_API_MAX_BODY_KB (default 1024): the largest API request body; a larger one gets 413."""
+    return positive_int("MORA_API_MAX_BODY_KB", 1024, maximum=65_536)
+
+
+def api_max_pending() -> int:
+    """MORA_API_MAX_PENDING (default 64): the most API requests the web process follows at once; past it, 429."""
+    return positive_int("MORA_API_MAX_PENDING", 64, maximum=4096)

@@ -13,6 +13,7 @@ def serve(prevent_thread_lock: bool = False):
     """Start the collector and the web app on MORA_HOST:MORA_PORT; returns the app when not blocking (tests)."""
     from starlette.middleware import Middleware
 
+    from app.openai_api import OpenAIAPI
     from app.security import AllowedHosts, HostGuard, LoginThrottle, create_private_folder
     from app.service import StudioService
     from app.ui import CSS, build_app
@@ -30,13 +31,16 @@ def serve(prevent_thread_lock: bool = False):
         Reconciler(store, redis_url).start()  # queued runs whose task a Redis restart erased are sent again
     if collector is None:
         log.warning("REDIS_URL is not set: no worker events will be collected")
-    app = build_app(StudioService(store))
+    service = StudioService(store)
+    app = build_app(service)
     app.queue(default_concurrency_limit=8)
     app.delete_cache = (settings.upload_cache_s(), settings.upload_cache_s())  # what Blocks(delete_cache=) sets
     auth = settings.auth()
+    api_routes = OpenAIAPI(service, login=auth is not None).routes()  # /v1/...: the same app, port and Host guard
     guard = Middleware(HostGuard, hosts=AllowedHosts.build(settings.port(), settings.host(), settings.allowed_hosts()),
                        throttle=LoginThrottle() if auth else None)
-    app.launch(server_name=settings.host(), server_port=settings.port(), auth=auth, app_kwargs={"middleware": [guard]},
-               max_file_size=f"{settings.max_upload_mb()}mb", prevent_thread_lock=prevent_thread_lock,
-               show_error=False, allowed_paths=[str(settings.exports_dir())], footer_links=[], css=CSS)
+    app.launch(server_name=settings.host(), server_port=settings.port(), auth=auth,
+               app_kwargs={"middleware": [guard], "routes": api_routes}, max_file_size=f"{settings.max_upload_mb()}mb",
+               prevent_thread_lock=prevent_thread_lock, show_error=False, allowed_paths=[str(settings.exports_dir())],
+               footer_links=[], css=CSS)
     return app

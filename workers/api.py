@@ -18,8 +18,8 @@ from celery import Celery
 
 from kombu.exceptions import OperationalError
 
-from workers.celery_app import (CHAT_QUEUE, CHAT_TASK, SENT_TTL_S, TRAIN_QUEUE, TRAIN_TASK, UTILITY_QUEUE, UTILITY_TASK,
-                                make_celery, sent_key)
+from workers.celery_app import (CHAT_QUEUE, CHAT_TASK, SENT_TTL_S, SERVE_TASK, TRAIN_QUEUE, TRAIN_TASK, UTILITY_QUEUE,
+                                UTILITY_TASK, make_celery, sent_key)
 from workers.settings import redis_url
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -117,6 +117,31 @@ def start_chat(request: dict[str, Any]) -> str:
     request_id = uuid.uuid4().hex
     _celery(redis_url() or DEFAULT_URL).send_task(CHAT_TASK, args=[request_id, request], queue=CHAT_QUEUE,
                                                   expires=CHAT_ANSWER_WITHIN_S)
+    return request_id
+
+
+def start_serving(request: dict[str, Any]) -> str:
+    """Queue an API request (its shape is in `workers.serving`) and return its id, to read with `chat_updates`.
+
+    The request waits on one list with the others; a doorbell task tells a chat worker to answer all that arrived
+    together in one batch. Past the character limits it raises `ChatRefused`; Redis unreachable, `QueueUnavailable`.
+    A request no worker has taken within `CHAT_ANSWER_WITHIN_S` is dropped unanswered."""
+    if request.get("messages") is not None:
+        problem = chat_size_problem([request["messages"]] if isinstance(request["messages"], list) else [])
+        if problem:
+            raise ChatRefused(problem)
+    request_id = uuid.uuid4().hex
+    now = time.time()
+    item = json.dumps({**request, "id": request_id, "enqueued_at": now, "expires_at": now + CHAT_ANSWER_WITHIN_S})
+    url = redis_url() or DEFAULT_URL
+    try:
+        pipe = client().pipeline(transaction=False)
+        pipe.rpush(bus.SERVE_PENDING, item)
+        pipe.expire(bus.SERVE_PENDING, 2 * CHAT_ANSWER_WITHIN_S)  # no worker for a while: nothing piles up
+        pipe.execute()
+        _celery(url).send_task(SERVE_TASK, queue=CHAT_QUEUE, expires=CHAT_ANSWER_WITHIN_S)
+    except (redis.RedisError, OSError, OperationalError) as error:
+        raise QueueUnavailable(f"cannot reach the queue's Redis at {_without_password(url)} ({error})") from error
     return request_id
 
 

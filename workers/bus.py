@@ -29,6 +29,8 @@ REPLY_TTL_S = 60
 
 STREAMS_SET = "mora:streams"
 WORKERS_SET = "mora:workers"
+SERVE_PENDING = "mora:serve:pending"
+"""The API's requests waiting for a chat worker (JSON, oldest first); a worker takes all that arrived together."""
 
 
 def stream_key(run_id: str) -> str:
@@ -194,20 +196,28 @@ def queue_lengths(client: redis.Redis, queues: tuple[str, ...] = QUEUES) -> dict
 
 
 def add_chat_snapshot(client: redis.Redis, request_id: str, texts: list[str], done: bool,
-                      error: Optional[str], stopped: Optional[str] = None) -> None:
-    """`stopped` says why a final answer ended early (a Stop, the time limit); its texts are what was generated."""
+                      error: Optional[str], stopped: Optional[str] = None,
+                      extra: Optional[dict[str, Any]] = None) -> None:
+    """`stopped` says why a final answer ended early (a Stop, the time limit); its texts are what was generated.
+    `extra` carries what an API answer needs besides (token counts, why it ended, the kind of error)."""
     key = chat_stream_key(request_id)
+    fields = {"texts": json.dumps(texts), "done": "1" if done else "0", "error": error or "", "stopped": stopped or ""}
+    if extra is not None:
+        fields["extra"] = json.dumps(extra)
     pipe = client.pipeline(transaction=False)
-    pipe.xadd(key, {"texts": json.dumps(texts), "done": "1" if done else "0", "error": error or "",
-                    "stopped": stopped or ""}, maxlen=CHAT_STREAM_MAXLEN, approximate=True)
+    pipe.xadd(key, fields, maxlen=CHAT_STREAM_MAXLEN, approximate=True)
     pipe.expire(key, CHAT_TTL_S)
     pipe.execute()
 
 
 def read_chat_snapshot(fields: dict[str, str]) -> dict[str, Any]:
-    """A stream entry as `{"texts": [...], "done": bool, "error": str | None, "stopped": str | None}`."""
-    return {"texts": json.loads(fields.get("texts") or "[]"), "done": fields.get("done") == "1",
-            "error": fields.get("error") or None, "stopped": fields.get("stopped") or None}
+    """A stream entry as `{"texts": [...], "done": bool, "error": str | None, "stopped": str | None}`, with
+    `"extra": {...}` when the entry has one."""
+    snapshot = {"texts": json.loads(fields.get("texts") or "[]"), "done": fields.get("done") == "1",
+                "error": fields.get("error") or None, "stopped": fields.get("stopped") or None}
+    if "extra" in fields:
+        snapshot["extra"] = json.loads(fields["extra"])
+    return snapshot
 
 
 def last_chat_snapshot(client: redis.Redis, request_id: str) -> Optional[dict[str, Any]]:

@@ -19,6 +19,7 @@ UTILITY_QUEUE = "utility"  # its own worker process, so a preview or a budget ne
 QUEUES = (TRAIN_QUEUE, CHAT_QUEUE, UTILITY_QUEUE)
 TRAIN_TASK = "mora.train_run"
 CHAT_TASK = "mora.chat_generate"
+SERVE_TASK = "mora.serve"  # a doorbell: the chat worker answers every waiting API request (workers.serving)
 UTILITY_TASK = "mora.utility"  # small request/reply calls (preview, budget) the web process cannot do without torch
 SENT_TTL_S = 30 * 24 * 3600
 
@@ -41,7 +42,7 @@ def make_celery(broker_url: str | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         task_queues=tuple(Queue(name) for name in QUEUES),
         task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, CHAT_TASK: {"queue": CHAT_QUEUE},
-                     UTILITY_TASK: {"queue": UTILITY_QUEUE}},
+                     SERVE_TASK: {"queue": CHAT_QUEUE}, UTILITY_TASK: {"queue": UTILITY_QUEUE}},
         task_default_queue=TRAIN_QUEUE,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 7 * 24 * 3600},  # long runs must not be redelivered

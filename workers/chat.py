@@ -41,12 +41,11 @@ from workers import bus
 from workers.generation import GenerationSettings, LengthError, Message, stream_chat
 from workers.model_loading import load_model
 from workers.models import ModelError, ModelInfo, resolve_model
-from workers.settings import chat_time_limit_s
+from workers.settings import chat_max_adapters, chat_time_limit_s
 
 log = logging.getLogger(__name__)
 
 MAX_MODELS = 2
-MAX_ADAPTERS = 8
 PUBLISH_EVERY_S = 0.05
 STOP_POLL_S = 0.05  # how often the stop flag is read while tokens come: a Stop takes effect within this and a token
 
@@ -192,20 +191,21 @@ class _Group:
 class ChatEngine:
     """Keeps models and adapters resident between requests and answers a request's rows, batched per model."""
 
-    def __init__(self, max_models: int = MAX_MODELS, max_adapters: int = MAX_ADAPTERS, load: Loader = load_model,
+    def __init__(self, max_models: int = MAX_MODELS, max_adapters: Optional[int] = None, load: Loader = load_model,
                  device: Optional[str] = None, time_limit_s: Optional[float] = None) -> None:
-        self.max_models, self.max_adapters, self._load = max_models, max_adapters, load
+        self.max_models, self._load = max_models, load
+        self.max_adapters = max_adapters if max_adapters is not None else chat_max_adapters()
         self.time_limit_s = time_limit_s if time_limit_s is not None else chat_time_limit_s()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.models: "OrderedDict[Path, ResidentModel]" = OrderedDict()
         self._names = itertools.count(1)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # one generation at a time: the Chat tab's and the API's share the models
 
     def run(self, request: Any, publish: Publish, stop_requested: Callable[[], bool] = lambda: False) -> None:
         """Answer `request`, handing every snapshot to `publish`; the last one has done=True (and maybe an error,
         or the reason it was stopped). `stop_requested()` is asked between tokens; the time limit counts from here."""
         texts: list[str] = []
-        with self._lock:
+        with self.lock:
             stop = StopCheck(stop_requested, self.time_limit_s)
             try:
                 parsed = ChatRequest.from_dict(request)
@@ -238,13 +238,7 @@ class ChatEngine:
             groups.setdefault(info.path, _Group(info, [])).rows.extend(indices)
         for row in request.rows:
             if row.adapter_path is not None:
-                folder = Path(row.adapter_path).expanduser()
-                if not folder.is_dir():
-                    raise _rows_named([row.label], f"adapter folder {folder} does not exist")
-                try:
-                    mora.read_adapter_config(folder)
-                except mora.AdapterFormatError as error:
-                    raise _rows_named([row.label], str(error)) from error
+                check_adapter_folder(row.label, row.adapter_path)
         return list(groups.values())
 
     def _answer(self, request: ChatRequest, group: _Group, texts: list[str], publish: Publish,
@@ -324,6 +318,17 @@ class ChatEngine:
         mora.remove_adapter(resident.model, name)
 
 
+def check_adapter_folder(label: str, path: str) -> None:
+    """Refuse, naming the row, a folder that does not exist or holds no adapter, before any model loads."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise _rows_named([label], f"adapter folder {folder} does not exist")
+    try:
+        mora.read_adapter_config(folder)
+    except mora.AdapterFormatError as error:
+        raise _rows_named([label], str(error)) from error
+
+
 def _model_name(resident: ResidentModel) -> str:
     return str(getattr(resident.model.config, "_name_or_path", "") or "the model")
 
@@ -373,13 +378,14 @@ class SnapshotPublisher:
         self.client, self.request_id, self.every_s = client, request_id, every_s
         self._last = float("-inf")
 
-    def __call__(self, texts: list[str], done: bool, error: Optional[str], stopped: Optional[str] = None) -> None:
+    def __call__(self, texts: list[str], done: bool, error: Optional[str], stopped: Optional[str] = None,
+                 extra: Optional[dict[str, Any]] = None) -> None:
         final = done or error is not None
         now = time.monotonic()
         if not final and now - self._last < self.every_s:
             return
         try:
-            bus.add_chat_snapshot(self.client, self.request_id, texts, final, error, stopped)
+            bus.add_chat_snapshot(self.client, self.request_id, texts, final, error, stopped, extra)
             self._last = now
         except redis.RedisError:
             if final:

@@ -7,16 +7,20 @@ hands each step's tokens to the caller, who sees every row's text grow as it is 
 Lengths are checked in tokens before anything is generated: the prompt and the answer together must fit the model's
 context. A stop callable is asked between tokens (a transformers `StoppingCriteria`), so a Stop takes effect within
 one token; a caller that stops reading (closes the generator) stops the generation the same way.
+
+Each row may have settings of its own (`stream_rows`, what the OpenAI-compatible API batches): its own answer length,
+temperature, top_p, seed and stop strings, and its own stop flag. A row samples with a generator of its own seeded by
+its seed, so a row answers the same in a batch as alone; a row that is done ends while the others go on.
 """
 from __future__ import annotations
 
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Collection, Iterator, Optional, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 import mora
@@ -76,14 +80,57 @@ def render_prompt(tokenizer, messages: Sequence[Message]) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-class _StopWhen(StoppingCriteria):
-    """Ends every row at once when `should_stop()` turns true; asked after each generated token."""
+class _RowsEnd(StoppingCriteria):
+    """Asked after each generated token: a row ends when it has its `max_new_tokens`, when the consumer marked it
+    done (`ended`: its end token or a stop string came, its caller left), and every row ends when `should_stop()`."""
 
-    def __init__(self, should_stop: Callable[[], bool]) -> None:
-        self.should_stop = should_stop
+    def __init__(self, prompt_width: int, max_new_tokens: Sequence[int], ended: set[int],
+                 should_stop: Callable[[], bool]) -> None:
+        self.prompt_width, self.max_new_tokens, self.ended, self.should_stop = prompt_width, max_new_tokens, ended, \
+            should_stop
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
+        if self.should_stop():
+            return torch.ones((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+        generated = input_ids.shape[1] - self.prompt_width
+        return torch.tensor([generated >= limit or row in self.ended for row, limit in enumerate(self.max_new_tokens)],
+                            dtype=torch.bool, device=input_ids.device)
+
+
+class _RowSampler(LogitsProcessor):
+    """Chooses each row's next token with that row's settings: the most likely one at temperature 0, else a draw
+    from the temperature-scaled, top_p-truncated distribution with the row's own generator. It leaves only the chosen
+    token possible, so `generate` runs greedy over its choices."""
+
+    def __init__(self, settings: Sequence[GenerationSettings], device: torch.device) -> None:
+        self.settings = list(settings)
+        self.generators = []
+        for row in self.settings:
+            generator = torch.Generator(device=device)
+            if row.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(row.seed)
+            self.generators.append(generator)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        chosen = []
+        for row, (settings, generator) in enumerate(zip(self.settings, self.generators)):
+            logits = scores[row].float()
+            if settings.temperature <= 0:
+                chosen.append(int(logits.argmax()))
+                continue
+            logits = logits / settings.temperature
+            if settings.top_p < 1:
+                ordered, order = logits.sort(descending=True)
+                probabilities = ordered.softmax(-1)
+                beyond = probabilities.cumsum(-1) - probabilities > settings.top_p  # the most likely token stays
+                logits = torch.full_like(logits, float("-inf")).scatter(0, order, ordered.masked_fill(beyond, float(
+                    "-inf")))
+            chosen.append(int(torch.multinomial(logits.softmax(-1), 1, generator=generator)))
+        only = torch.full_like(scores, float("-inf"))
+        only[torch.arange(scores.shape[0], device=scores.device), torch.tensor(chosen, device=scores.device)] = 0.0
+        return only
 
 
 def context_length(model) -> Optional[int]:
@@ -123,27 +170,66 @@ def stream_chat(
         raise ValueError(f"{len(conversations)} conversations but {len(adapters)} adapter choices")
     prompts = [render_prompt(tokenizer, c) for c in conversations]
     check_lengths(prompts, settings.max_new_tokens, context_length(model))
+    for rows in stream_rows(model, tokenizer, prompts, adapters, [settings] * len(prompts), should_stop=should_stop):
+        yield [row.text for row in rows]
+
+
+@dataclass
+class RowOutput:
+    """One row's answer so far: its text (without a stop string, nor what may be the start of one), the tokens
+    generated for it, and why it ended ("stop": its end token or a stop string; "length": its max_new_tokens or a stop
+    of the whole batch), None while it goes on."""
+
+    text: str = ""
+    tokens: int = 0
+    finish_reason: Optional[str] = None
+
+
+def _visible(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """The text up to the first stop string and whether one was found; else the text without a tail that may be the
+    start of a stop string, held back until the next tokens tell."""
+    found = [text.find(stop) for stop in stops if stop in text]
+    if found:
+        return text[:min(found)], True
+    held = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    return text[:len(text) - held], False
+
+
+def stream_rows(
+    model, tokenizer, prompts: Sequence[Sequence[int]], adapters: Sequence[Optional[str]],
+    settings: Sequence[GenerationSettings], stops: Optional[Sequence[Sequence[str]]] = None,
+    should_stop: Optional[Callable[[], bool]] = None, rows_to_end: Optional[Callable[[], Collection[int]]] = None,
+) -> Iterator[list[RowOutput]]:
+    """Generate for prompts already in tokens (lengths already checked), one batched `generate`, each row with its
+    adapter, settings and stop strings; yield every row's `RowOutput` after each generated token.
+
+    `should_stop()` ends every row; `rows_to_end()` names rows to end now (their callers left). Both are asked after
+    each token. Closing the iterator stops the generation."""
+    if not len(prompts) == len(adapters) == len(settings):
+        raise ValueError(f"{len(prompts)} prompts, {len(adapters)} adapter choices and {len(settings)} settings")
+    for row_settings in settings:
+        row_settings.validate()
+    stops = [list(s) for s in stops] if stops is not None else [[] for _ in prompts]
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     streamer = _BatchStreamer()
     abandoned = threading.Event()  # the consumer closed the iterator: nobody reads what would be generated
-    sampling = settings.temperature > 0
+    ended: set[int] = set()  # rows the consumer saw finish, or whose caller left
+    limits = [s.max_new_tokens for s in settings]
     kwargs = dict(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings.max_new_tokens,
-        do_sample=sampling, temperature=settings.temperature if sampling else None,
-        top_p=settings.top_p if sampling else None, pad_token_id=pad, streamer=streamer,
-        stopping_criteria=StoppingCriteriaList(
-            [_StopWhen(lambda: abandoned.is_set() or (should_stop is not None and should_stop()))]),
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(limits), do_sample=False,
+        temperature=None, top_p=None, pad_token_id=pad, streamer=streamer,
+        logits_processor=LogitsProcessorList([_RowSampler(settings, device)]),
+        stopping_criteria=StoppingCriteriaList([_RowsEnd(
+            width, limits, ended, lambda: abandoned.is_set() or (should_stop is not None and should_stop()))]),
     )
     failure: list[BaseException] = []
 
     def generate() -> None:
         try:
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
             with torch.no_grad(), mora.adapters_per_row(model, list(adapters)):
                 model.generate(**kwargs)
         except BaseException as error:  # surfaced in the consumer's thread below
@@ -154,31 +240,54 @@ def stream_chat(
     worker.start()
     stop_ids = {tokenizer.eos_token_id, pad}
     generated: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * len(prompts)
-    shown = [""] * len(prompts)
+    outputs = [RowOutput() for _ in prompts]
+
+    def show(row: int) -> None:
+        text = tokenizer.decode(generated[row], skip_special_tokens=True)
+        # a byte-level token can end inside a UTF-8 character: hold it back until the character is whole, so every
+        # streamed text is a prefix of the next
+        if text.endswith("\ufffd"):
+            return
+        outputs[row].text, stopped = _visible(text, stops[row])
+        if stopped:
+            finish(row, "stop")
+
+    def finish(row: int, reason: str) -> None:
+        """The row is done: its whole text is shown, what was held back included, up to a stop string found."""
+        full = tokenizer.decode(generated[row], skip_special_tokens=True)
+        cut, stopped = _visible(full, stops[row])
+        outputs[row].text, outputs[row].finish_reason = (cut if stopped else full), reason
+        ended.add(row)
+
+    def snapshot() -> list[RowOutput]:
+        return [RowOutput(o.text, o.tokens, o.finish_reason) for o in outputs]
+
     try:
         while (step := streamer.steps.get()) is not None:
+            leaving = set(rows_to_end()) if rows_to_end is not None else set()
+            ended.update(leaving)
             for row, token in enumerate(step):
-                if finished[row]:
+                if outputs[row].finish_reason is not None:
                     continue
                 if token in stop_ids:
-                    finished[row] = True
-                else:
-                    generated[row].append(token)
-                text = tokenizer.decode(generated[row], skip_special_tokens=True)
-                # a byte-level token can end inside a UTF-8 character: hold it back until the character is whole,
-                # so every streamed text is a prefix of the next
-                if not text.endswith("\ufffd"):
-                    shown[row] = text
-            yield list(shown)
+                    finish(row, "stop")
+                    continue
+                generated[row].append(token)
+                outputs[row].tokens = len(generated[row])
+                show(row)
+                if outputs[row].finish_reason is None and (len(generated[row]) >= limits[row] or row in leaving):
+                    finish(row, "length")
+            yield snapshot()
     finally:
         abandoned.set()
     worker.join()
     if failure:
         raise failure[0]
-    final = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
-    if final != shown:
-        yield final
+    unfinished = [row for row, output in enumerate(outputs) if output.finish_reason is None]
+    if unfinished:  # the whole batch was stopped, or generate ended at its length
+        for row in unfinished:
+            finish(row, "length")
+        yield snapshot()
 
 
 def reply(model, tokenizer, messages: Sequence[Message], adapter: Optional[str] = None,

@@ -112,3 +112,20 @@ def train_memory_limit_gb() -> float | None:
         raise SettingError(f"MORA_TRAIN_MEMORY_LIMIT_GB must be between 0.5 and 65536 GiB, found {raw}")
     return value
 
+
+def chat_max_adapters() -> int:
+    """MORA_CHAT_MAX_ADAPTERS (default 8): the most adapters a chat worker keeps loaded on one base model, least
+    recently used removed first (the ones a batch uses are kept until it ends)."""
+    return positive_int("MORA_CHAT_MAX_ADAPTERS", 8, maximum=256)
+
+
+def serve_window_ms() -> int:
+    """MORA_SERVE_WINDOW_MS (default 30): how long a chat worker waits, counted from the oldest waiting API request,
+    for others to arrive, so requests sent together are answered in one batched generation."""
+    return positive_int("MORA_SERVE_WINDOW_MS", 30, maximum=10_000)
+
+
+def serve_max_batch() -> int:
+    """MORA_SERVE_MAX_BATCH (default 16): the most API requests a chat worker answers in one batched generation;
+    more wait for the next one."""
+    return positive_int("MORA_SERVE_MAX_BATCH", 16, maximum=256)

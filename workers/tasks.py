@@ -6,9 +6,10 @@ from typing import Any, Optional
 from celery.signals import worker_ready, worker_shutdown
 
 from workers import job_process
-from workers.celery_app import CHAT_TASK, TRAIN_QUEUE, TRAIN_TASK, UTILITY_TASK, app
+from workers.celery_app import CHAT_TASK, SERVE_TASK, TRAIN_QUEUE, TRAIN_TASK, UTILITY_TASK, app
 from workers.chat import run_queued_chat
 from workers.queued import WorkerPresence, run_queued_training
+from workers.serving import run_waiting_requests
 from workers.settings import redis_url
 from workers.utility import run_queued_utility
 
@@ -24,6 +25,11 @@ def train_run(self, run_id: str, config: dict[str, Any], run_dir: str, resume_fr
 @app.task(name=CHAT_TASK)
 def chat_generate(request_id: str, request: dict[str, Any]) -> None:
     run_queued_chat(redis_url() or app.conf.broker_url, request_id, request)
+
+
+@app.task(name=SERVE_TASK)
+def serve_waiting() -> None:
+    run_waiting_requests(redis_url() or app.conf.broker_url)
 
 
 @app.task(name=UTILITY_TASK)
