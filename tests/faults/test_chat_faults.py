@@ -3,8 +3,6 @@ tiny model, and the Chat tab's own handler (`app.chat_view.send`) on a SQLite st
 about a second, a page that goes away stops its answer, the time limit ends the longest ones, every answer is stored
 whatever ends it, previews never wait behind a generation, and oversized prompts are refused before anything is
 generated."""
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import yaml
 
 from app import chat_view
 from app.service import StudioService
+from tests.fixtures.tiny_model import build_long_model
 from tests.workers.queue_harness import make_world, wait_for
 from tests.workers.sample_data import write_dataset
 from workers import api, bus
@@ -25,16 +24,7 @@ LONG = 4096  # the most new tokens a request may ask for; the tiny model takes w
 
 @pytest.fixture(scope="module")
 def long_model(tiny_model_dir, tmp_path_factory):
-    """The tiny model with a context of 8192 tokens that never ends an answer early (its end and pad tokens are
-    suppressed), so an answer runs until it is stopped or reaches its length."""
-    folder = shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("long") / "tiny-long")
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = 8192
-    (folder / "config.json").write_text(json.dumps(config))
-    generation = json.loads((folder / "generation_config.json").read_text())
-    generation["suppress_tokens"] = [config["eos_token_id"], config["pad_token_id"]]
-    (folder / "generation_config.json").write_text(json.dumps(generation))
-    return str(folder)
+    return str(build_long_model(tiny_model_dir, tmp_path_factory.mktemp("long") / "tiny-long"))
 
 
 @pytest.fixture(scope="module")
