@@ -40,6 +40,9 @@ class VariantSpec:
     """The grouping ReMoRA switches to after this one (MORA_SPEC.md §4); None: ReMoRA cannot use this variant."""
     ablation: Optional[int] = None
     """Its row in the paper's Table 4 (which compares compressions at small r), or None if the table has none."""
+    per_chunk: bool = False
+    """True when the branch cuts all k inputs into chunks of r̂ with one M per chunk instead of compressing them to
+    r̂, so what it keeps for the backward grows with k, not r̂ (the memory estimate before launch reads it)."""
     compress: Optional[Callable[..., Any]] = None
     decompress: Optional[Callable[..., Any]] = None
     forward: Optional[Callable[..., Any]] = None
@@ -155,9 +158,9 @@ for _spec in (
     VariantSpec("sharing", "Eq. 6: strided sum in, tile out; the paper's choice at large r", reference_type=1,
                 remora_next="type2", ablation=2),
     VariantSpec("rope", "Eq. 9: one M per chunk, each chunk rotated; the paper's choice at small r",
-                reference_type=6, even_side=True, ablation=4),
+                reference_type=6, even_side=True, ablation=4, per_chunk=True),
     VariantSpec("truncation", "Eq. 4: the first r̂ inputs in, zeros out", ablation=1),
-    VariantSpec("decouple", "Eq. 8: one M per chunk, no rotation", ablation=3),
+    VariantSpec("decouple", "Eq. 8: one M per chunk, no rotation", ablation=3, per_chunk=True),
 ):
     register_variant(_spec)
 attach("type4", remora_next="sharing")  # the reference's cycle closes: 1 → 2 → 3 → 4 → 1

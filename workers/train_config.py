@@ -46,8 +46,8 @@ MAX_MODULE_NAME_CHARS = 200
 MAX_MEMORIZE_STEPS = 100
 
 # Every numeric setting's bounds and why. A run outside them cannot be useful, or would exhaust the worker before
-# its first step; the model-dependent bounds (r against the layer width, max_length against the model's context)
-# are checked against the model's config.json in `workers.memory_estimate.model_problems`.
+# its first step; what depends on the model and the device (the memory a step needs) is estimated from the model's
+# config.json before launch, in `workers.memory_estimate`.
 BOUNDS: dict[str, Bound] = {
     "r": Bound(1, 1024, "a rank above 1024 costs more than many full layers of the models here; use adapter full"),
     "lora_alpha": Bound(0, 10_000, "alpha/r scales the update; a larger scale makes the first steps diverge",

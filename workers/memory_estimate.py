@@ -1,0 +1,165 @@
+"""How much memory a training run will need, from the model's shapes and the run's settings alone, before launch.
+
+The web process shows it beside the Launch button and refuses a run that fits no training worker, so a run too big
+for its device is told so with numbers instead of being killed at its first step. Torch-free (the web process imports
+it); the shapes come from `workers.model_shapes`.
+
+The figure is the peak of one training step, as the sum of:
+- the base weights, in the dtype they are loaded in (float32 on a CPU; bfloat16 on a GPU; full fine-tuning float32);
+- the trainable parameters (the adapters are float32) and AdamW's two moments, held for the whole run, and their
+  gradients, which the backward makes as it frees the activations (so the peak takes the larger of the two);
+- the activations saved for the backward pass, for batch_size × max_length tokens (a packed or padded batch is never
+  longer): per block, the inputs the linears, norms, attention and SwiGLU keep, and the adapter branches' own; with
+  gradient checkpointing only each block's input, plus one block recomputed at a time;
+- the logits and the loss: the LM head's output and its float32 copies for the cross-entropy and its gradient (for a
+  49k vocabulary this is the largest term at short lengths);
+- the process itself: Python, torch and transformers on a CPU, the CUDA context on a GPU; and a margin for the
+  allocator's fragmentation.
+It was checked against the peak resident memory of real CPU runs of the default model (README, "Memory before
+launch"); the calibration test keeps it within its stated margin.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from mora.variants import get_variant, r_hat
+from workers.model_shapes import ModelShapes, _targeted
+from workers.train_config import TrainConfig
+
+GIB = 2**30
+CPU_PROCESS_BYTES = int(0.55 * GIB)  # python + torch + transformers + tokenizers, resident, before the model
+CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # the CUDA context and kernels, outside torch's allocator
+FRAGMENTATION = 1.10  # the allocators hold about a tenth more than the live tensors at the peak
+FITS_FRACTION = 0.92  # what of a device's memory a run may plan to use: the rest is the system's and the chat's
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per part of one training step's peak; `total` adds the process and the allocator margin."""
+    weights: int
+    trainable: int
+    optimizer: int
+    activations: int
+    logits: int
+    process: int
+    tokens: int
+    gradient_checkpointing: bool
+
+    @property
+    def total(self) -> int:
+        """Weights and AdamW's moments stay for the whole run; the gradients are made as the backward frees the
+        activations (the Trainer sets them to None after each step), so the step's peak is the larger of the two."""
+        tensors = self.weights + self.optimizer + max(self.activations + self.logits, self.trainable)
+        return int(tensors * FRAGMENTATION) + self.process
+
+    def parts(self) -> list[tuple[str, int]]:
+        peak = max(self.activations + self.logits, self.trainable)
+        return [("weights", self.weights), ("optimizer state (AdamW)", self.optimizer),
+                ("saved activations", self.activations), ("logits and loss", self.logits),
+                ("gradients (made as the activations are freed)", self.trainable),
+                ("process and margin", self.total - self.weights - self.optimizer - peak)]
+
+
+def _weight_bytes(config: TrainConfig, device_kind: str) -> int:
+    if config.adapter == "full" or config.dtype == "float32":
+        return 4
+    if config.dtype in ("bfloat16", "float16"):
+        return 2
+    return 2 if device_kind == "cuda" else 4  # "auto": bfloat16 on a GPU, float32 on a CPU
+
+
+def _activation_bytes(config: TrainConfig, device_kind: str) -> int:
+    if config.adapter == "full":
+        return 2 if device_kind == "cuda" else 4  # bf16 autocast on a GPU
+    return _weight_bytes(config, device_kind)
+
+
+def _adapter_layers(shapes: ModelShapes, target_modules: Optional[Sequence[str]]) -> list[tuple[str, int, int]]:
+    return [(path, k, d) for path, k, d in shapes.linear_layers() if _targeted(path, target_modules)]
+
+
+def trainable_parameters(shapes: ModelShapes, config: TrainConfig) -> int:
+    if config.adapter == "full":
+        return shapes.parameters
+    layers = _adapter_layers(shapes, config.target_modules)
+    if config.adapter == "mora":
+        return sum(r_hat(k, d, config.r, config.variant) ** 2 for _, k, d in layers)
+    return sum((k + d) * config.r for _, k, d in layers)
+
+
+def _block_values_per_token(shapes: ModelShapes, config: TrainConfig) -> int:
+    """Values one block keeps for its backward, per token: the two norms' inputs and outputs, q/k/v (rotated) and
+    the attention output, SwiGLU's gate, its activation, up and their product; plus each adapted layer's branch
+    (MoRA: the compressed input, or a per-chunk variant's rotated chunks; LoRA: its r-wide middle and, with
+    dropout, the dropped input)."""
+    h, f = shapes.hidden_size, shapes.intermediate_size
+    q, kv = shapes.num_heads * shapes.head_dim, shapes.kv_size
+    values = 4 * h + 3 * q + 2 * kv + 4 * f
+    if config.adapter == "full":
+        return values
+    per_block = [layer for layer in _adapter_layers(shapes, config.target_modules)
+                 if layer[0].startswith("model.layers.0.")]
+    if config.adapter == "mora" and get_variant(config.variant).per_chunk:
+        values += sum(k for _, k, _ in per_block)  # the rotated chunks of the input
+    elif config.adapter == "mora":
+        values += sum(r_hat(k, d, config.r, config.variant) for _, k, d in per_block)  # the compressed input
+    else:
+        values += sum(config.r + (k if config.dropout else 0) for _, k, _ in per_block)
+    return values
+
+
+def estimate(shapes: ModelShapes, config: TrainConfig, device_kind: str = "cpu") -> MemoryEstimate:
+    """The peak memory of one training step of `config` (resolved) on a `device_kind` ("cpu" or "cuda") device."""
+    tokens = config.batch_size * config.max_length
+    weight_bytes, act_bytes = _weight_bytes(config, device_kind), _activation_bytes(config, device_kind)
+    trainable = trainable_parameters(shapes, config)
+    trainable_bytes = 4  # adapters and a full fine-tune's master weights are float32
+    base = shapes.parameters * weight_bytes if config.adapter != "full" else 0
+    block = _block_values_per_token(shapes, config) * tokens * act_bytes
+    if config.gradient_checkpointing:
+        activations = shapes.num_layers * shapes.hidden_size * tokens * act_bytes + block
+    else:
+        activations = shapes.num_layers * block
+    logits = tokens * shapes.vocab_size * (act_bytes + 3 * 4)
+    return MemoryEstimate(
+        weights=base + trainable * trainable_bytes,
+        trainable=trainable * trainable_bytes, optimizer=2 * trainable * trainable_bytes, activations=activations,
+        logits=logits, process=CUDA_CONTEXT_BYTES if device_kind == "cuda" else CPU_PROCESS_BYTES, tokens=tokens,
+        gradient_checkpointing=config.gradient_checkpointing)
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.0f} MiB"
+
+
+def fit_report(shapes: ModelShapes, config: TrainConfig, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The estimate for each kind of connected training worker, and whether the run fits any of them: what the
+    Train tab shows and what the service checks before recording a run. No training worker connected: nothing to
+    refuse against (the run waits in the queue), but the estimate for a CPU is still given."""
+    trainers = [w for w in workers if "train" in w.get("queues", []) and w.get("memory_gb")]
+    kinds = sorted({w.get("kind", "cpu") for w in trainers}) or ["cpu"]
+    estimates = {kind: estimate(shapes, config, kind) for kind in kinds}
+    fits = [w for w in trainers if estimates[w.get("kind", "cpu")].total <= w["memory_gb"] * GIB * FITS_FRACTION]
+    other = None if config.gradient_checkpointing else estimate(
+        shapes, _with(config, gradient_checkpointing=True), kinds[-1]).total
+    return {"estimates": estimates, "workers": trainers, "fits": fits, "with_checkpointing": other}
+
+
+def _with(config: TrainConfig, **changes: Any) -> TrainConfig:
+    return TrainConfig.from_dict({**config.to_dict(), **changes})
+
+
+def refusal_message(config: TrainConfig, report: dict[str, Any]) -> Optional[str]:
+    """Why the run of `report` (from `fit_report`) cannot fit any connected training worker, with the numbers and
+    what to lower; None if it fits one (or none is connected: the run waits for one)."""
+    if not report["workers"] or report["fits"]:
+        return None
+    largest = max(report["workers"], key=lambda w: w["memory_gb"])
+    need = report["estimates"][largest.get("kind", "cpu")].total
+    advice = "lower batch_size or max_length"
+    if report["with_checkpointing"]:
+        advice += f", or enable gradient_checkpointing (about {gib(report['with_checkpointing'])})"
+    return (f"this run needs about {gib(need)} of memory ({config.batch_size} × {config.max_length} tokens a step) "
+            f"and the largest training worker, {largest['name']}, has {largest['memory_gb']:g} GiB, of which "
+            f"{int(FITS_FRACTION * 100)}% may be planned for: {advice}")
