@@ -42,6 +42,7 @@ from workers.settings import serve_max_batch, serve_window_ms
 log = logging.getLogger(__name__)
 
 API_NAMES = {"max_new_tokens": "max_tokens"}  # the worker's setting names as the API calls them
+MAX_WINDOWS = 4  # requests that keep arriving are collected for at most this many windows before answering
 HEARTBEAT_S = 1.0  # an answer that shows no new text still sends a snapshot this often, so its reader never gives up
 
 
@@ -122,19 +123,29 @@ def parse_request(raw: Any, publish: SnapshotPublisher) -> ServeRequest:
     return ServeRequest(str(raw.get("id")), model, adapter, messages, prompt, settings, stop, publish)
 
 
+def _enqueued_at(item: Optional[str]) -> float:
+    try:
+        return float(json.loads(item).get("enqueued_at", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0.0
+
+
 def take_waiting(client: redis.Redis, window_s: float, max_batch: int) -> list[dict[str, Any]]:
-    """Every request waiting (at most `max_batch`), once the oldest has waited `window_s` for others to join it.
-    Requests whose caller has given up (past `expires_at`, or stopped) are dropped unanswered."""
+    """Every request waiting (at most `max_batch`), once none has arrived for `window_s` (counted from the oldest,
+    then from the newest, at most MAX_WINDOWS windows in all), so a burst is answered together. Requests whose caller
+    has given up (past `expires_at`, or stopped) are dropped unanswered."""
     head = client.lindex(bus.SERVE_PENDING, 0)
     if head is None:
         return []
-    try:
-        oldest = float(json.loads(head).get("enqueued_at", 0))
-    except (ValueError, TypeError, AttributeError):
-        oldest = 0.0
-    wait = min(window_s, oldest + window_s - time.time())  # another host's clock may be off: wait at most the window
-    if wait > 0:
+    started = time.monotonic()
+    wait = min(window_s, _enqueued_at(head) + window_s - time.time())  # another host's clock may be off
+    while wait > 0:
         time.sleep(wait)
+        if client.llen(bus.SERVE_PENDING) >= max_batch:
+            break
+        newest = client.lindex(bus.SERVE_PENDING, -1)
+        wait = min(window_s, _enqueued_at(newest) + window_s - time.time(),
+                   started + MAX_WINDOWS * window_s - time.monotonic())
     taken = client.lpop(bus.SERVE_PENDING, max_batch) or []
     now, waiting = time.time(), []
     for item in taken:

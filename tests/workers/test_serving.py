@@ -124,6 +124,7 @@ def test_requests_for_several_adapters_answer_in_one_batch_and_bad_ones_alone(en
 
 
 def test_waiting_requests_are_taken_together_after_the_window_and_stale_ones_dropped(redis_client):
+    redis_client.delete(bus.SERVE_PENDING)
     now = time.time()
     for item in [_request("fresh", enqueued_at=now, expires_at=now + 30), _request("late", enqueued_at=now - 60,
                                                                                   expires_at=now - 30),
@@ -141,3 +142,18 @@ def test_waiting_requests_are_taken_together_after_the_window_and_stale_ones_dro
     started = time.monotonic()
     assert take_waiting(redis_client, window_s=5, max_batch=4) == []
     assert time.monotonic() - started < 1, "an empty list is answered at once"
+
+
+@pytest.mark.parametrize("newest_after_s, least_s, most_s", [
+    (0.25, 0.45, 1.0),  # one arrived 0.25 s after the first: the window runs on from it
+    (100, 1.1, 1.7),  # a clock far ahead (another host): at most 4 windows
+])
+def test_a_burst_is_collected_until_a_window_passes_without_a_request(redis_client, newest_after_s, least_s, most_s):
+    now = time.time()
+    for request_id, at in (("first", now), ("newest", now + newest_after_s)):
+        redis_client.rpush(bus.SERVE_PENDING, json.dumps(_request(request_id, enqueued_at=at, expires_at=now + 300)))
+    started = time.monotonic()
+    taken = take_waiting(redis_client, window_s=0.3, max_batch=4)
+    waited = time.monotonic() - started
+    assert [r["id"] for r in taken] == ["first", "newest"]
+    assert least_s < waited < most_s, waited
