@@ -7,7 +7,8 @@ from typing import Any
 
 import gradio as gr
 
-from app import bench, chat_view, datasets, runs_dashboard, runs_view, settings, system_view, train_view
+from app import (bench, chat_view, datasets, export_view, runs_dashboard, runs_view, settings, system_view,
+                 train_view)
 from app.service import ServiceError, StudioService
 from storage.repo import STATUSES, StorageError
 from workers.data_readers import FORMATS
@@ -251,6 +252,12 @@ def runs_tab(service: StudioService) -> dict[str, Any]:
             export = gr.Button("Export metrics CSV")
         action_message = gr.Markdown(elem_id="run-action-message")
         csv_file = gr.File(label="Metrics CSV", interactive=False)
+        with gr.Row():
+            export_format = gr.Dropdown(export_view.CHOICES, value="merged", label="Export the run's model as",
+                                        elem_id="export-format", scale=3)
+            export_model = gr.Button("Export", elem_id="export-run", scale=1)
+        export_message = gr.Markdown(elem_id="export-message")
+        export_file = gr.File(label="Exported model", interactive=False, elem_id="export-file")
         with gr.Accordion("Paper results (memorisation groups)", open=False,
                           elem_id="paper-results") as paper_results:
             with gr.Row():
@@ -333,6 +340,8 @@ def runs_tab(service: StudioService) -> dict[str, Any]:
                            (export, "export")):
         button.click(lambda run_id, name, action=action: act(action, run_id, name), [chosen, new_name],
                      [action_message, csv_file])
+    export_model.click(lambda run_id, choice: (yield from export_view.export_run(service, run_id, choice)),
+                       [chosen, export_format], [export_message, export_file])
     return {"tab": tab, "refresh": refresh}
 
 

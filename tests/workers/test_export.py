@@ -21,12 +21,13 @@ from workers import export as ex
 from workers.export import ExportError, ExportRequest, export_for_download, export_to, request_for_run
 
 IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(5))
-# f16: every weight is rounded to the nearest float16, a relative error of at most 2^-11 (4.9e-4); the logits'
-# error measured on the tiny model was 2.3e-4 of their largest value, so 2e-3 leaves 8x room. q8_0: each block of 32
-# weights shares one scale, max|w|/127, so a weight moves by up to 1/254 (3.9e-3) of its block's largest; measured
-# 5.9e-3 of the largest logit, so 3e-2 (5x). Both files must also equal, exactly, the merged model whose weights went
-# through the same rounding, which pins names, layouts and the q/k permutation independently of any tolerance.
-GGUF_TOLERANCE = {"f16": 2e-3, "q8_0": 3e-2}
+# How far a GGUF file's logits may be from the float32 merged model's, as a fraction of the largest logit. f16 rounds
+# each weight to within 2^-11 (4.9e-4) of itself; q8_0 moves a weight by up to 1/254 (3.9e-3) of its block of 32's
+# largest. Through the layers that became, measured: f16 1.3e-3 here (tiny model + MoRA sharing) and 1.1e-3 on
+# SmolLM2-135M (30 layers); q8_0 2.7e-2 and 4.3e-2. The bounds leave about 4x and 2-4x room. The files must also
+# equal, to float32 rounding, the merged model whose weights went through the same rounding, which pins names,
+# layouts and the q/k permutation independently of any tolerance.
+GGUF_TOLERANCE = {"f16": 5e-3, "q8_0": 0.1}
 
 
 def _logits(model, ids=IDS):
