@@ -40,6 +40,16 @@ def check_labels(name: str = "", tags: Iterable[str] = (), group_name: Optional[
         raise ServiceError(f"tags: at most {MAX_TAGS}, each at most {MAX_TAG_CHARS} characters")
 
 
+def check_config(config: TrainConfig | dict[str, Any]) -> TrainConfig:
+    """The one check of a run's settings on their way to a worker, at the service boundary: a mapping (a YAML file,
+    a stored run, a bench plan) is converted once with `TrainConfig.from_dict`, then every setting is checked, each
+    problem naming its setting (ConfigError). The worker trusts what passed: it only rebuilds the config from the
+    settings it is sent."""
+    config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
+    config.validate()
+    return config
+
+
 class StudioService:
     def __init__(self, store: Store, runs_dir: Optional[Path] = None) -> None:
         self.store = store
@@ -48,17 +58,24 @@ class StudioService:
     def submit(self, config: TrainConfig | dict[str, Any], name: str = "", tags: Iterable[str] = (),
                group_name: Optional[str] = None, dataset_id: Optional[int] = None,
                parent: Optional[RunRecord] = None) -> RunRecord:
-        """Record a run as queued and send it to the training queue; answers at once. Both happen or neither: a run
-        whose task cannot be sent (Redis down) is removed again, and the user gets the reason."""
-        if isinstance(config, dict):
-            config = TrainConfig.from_dict(config)
-        config.validate()
+        """Check the settings (`check_config`) and `launch` the run."""
+        return self.launch(check_config(config), name=name, tags=tags, group_name=group_name, dataset_id=dataset_id,
+                           parent=parent)
+
+    def launch(self, config: TrainConfig, name: str = "", tags: Iterable[str] = (),
+               group_name: Optional[str] = None, dataset_id: Optional[int] = None,
+               parent: Optional[RunRecord] = None) -> RunRecord:
+        """Record the run of a config that passed `check_config` as queued and send it to the training queue; answers
+        at once. Its settings, defaults filled in, are serialised once: that dict is what the run records and what
+        the worker receives. Both happen or neither: a run whose task cannot be sent (Redis down) is removed again,
+        and the user gets the reason."""
         check_labels(name=name, tags=tags, group_name=group_name)
         resolved = config.resolved()
+        run_settings = resolved.to_dict()
         label = name or resolved.name or f"{resolved.adapter} r={resolved.r}" + (
             f" {resolved.variant}" if resolved.adapter == "mora" else "")
         run = self.store.create_run(
-            resolved.to_dict(), name=label, model=resolved.model or "", adapter=resolved.adapter, r=resolved.r,
+            run_settings, name=label, model=resolved.model or "", adapter=resolved.adapter, r=resolved.r,
             variant=resolved.variant, dataset_id=dataset_id, tags=list(tags), group_name=group_name,
             parent_id=parent.id if parent else None,
         )
@@ -66,8 +83,7 @@ class StudioService:
         run_dir.mkdir(parents=True, exist_ok=True)
         run = self.store.set_output(run.id, run_dir=str(run_dir))
         try:
-            api.submit_training(run.id, resolved.to_dict(), str(run_dir),
-                                resume_from=parent.run_dir if parent else None)
+            api.submit_training(run.id, run_settings, str(run_dir), resume_from=parent.run_dir if parent else None)
         except api.QueueUnavailable as error:
             self.store.delete_run(run.id)
             run_dir.rmdir()
@@ -201,4 +217,4 @@ class StudioService:
         return self.store.get_artifacts(run_id)
 
 
-__all__ = ["StudioService", "ServiceError", "ConfigError"]
+__all__ = ["StudioService", "ServiceError", "ConfigError", "check_config"]

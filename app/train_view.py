@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-from app.service import StudioService
+from app.service import StudioService, check_config
 from storage.records import RunRecord
 from workers import api, model_shapes
 from workers.models import ModelError
@@ -21,16 +21,16 @@ ZERO_MEANS_DEFAULT = ("learning_rate", "lora_alpha")  # a number box can't be bl
 
 
 def config_from_form(values: dict[str, Any], data_path: str) -> TrainConfig:
-    """Form values (blank meaning "the default") to a TrainConfig; raises ConfigError naming the field."""
+    """Form values (blank meaning "the default") to a checked TrainConfig, the service's one check
+    (`check_config`); raises ConfigError naming the field."""
     cleaned: dict[str, Any] = {"data": data_path}
     for name in FORM_FIELDS:
         value = values.get(name)
         if value in (None, "", AUTO) or (name in ZERO_MEANS_DEFAULT and value == 0):
             continue
         cleaned[name] = value
-    config = TrainConfig.from_dict(cleaned)  # the one conversion: number boxes' floats, "a, b" lists, with messages
-    config.validate()
-    return config
+    # the one conversion (number boxes' floats, "a, b" lists, with messages), then the one check
+    return check_config(TrainConfig.from_dict(cleaned))
 
 
 def defaults_note(adapter: str, r: int, variant: Optional[str]) -> str:
@@ -78,26 +78,26 @@ def parameter_budget(model: Optional[str], r: int, variant: str) -> dict[str, An
 
 def launch_from_form(service: StudioService, values: dict[str, Any], dataset_id: Optional[int],
                      pair: bool) -> list[RunRecord]:
-    """Validate the form and queue one run, or the MoRA/LoRA pair; nothing is queued if anything is wrong."""
+    """Check the form and queue one run, or the MoRA/LoRA pair; nothing is queued if anything is wrong."""
     if dataset_id is None:
         raise ConfigError("dataset: upload a dataset in the Data tab, then choose it here")
     dataset = service.dataset(int(dataset_id))
     config = config_from_form(values, dataset.path)
     if pair:
         return list(launch_pair(service, config, dataset.id, name=values.get("name") or ""))
-    return [service.submit(config, name=values.get("name") or "", dataset_id=dataset.id)]
+    return [service.launch(config, name=values.get("name") or "", dataset_id=dataset.id)]
 
 
 def launch_pair(service: StudioService, config: TrainConfig, dataset_id: Optional[int],
                 name: str = "") -> tuple[RunRecord, RunRecord]:
     """MoRA and LoRA at the same r, data and seed, as one group; each takes its own paper default learning rate
-    unless the user set one, which both then use."""
+    unless the user set one, which both then use. Both are checked before either is queued."""
     group = name or f"MoRA vs LoRA r={config.r} {datetime.now():%Y-%m-%d %H:%M:%S}"
-    shared = {k: v for k, v in config.to_dict().items() if k not in ("adapter", "variant", "name")}
-    mora = TrainConfig(**shared, adapter="mora", variant=config.variant if config.adapter == "mora" else None)
-    lora = TrainConfig(**shared, adapter="lora")
-    first = service.submit(mora, name=f"{group} · MoRA", group_name=group, dataset_id=dataset_id)
-    second = service.submit(lora, name=f"{group} · LoRA", group_name=group, dataset_id=dataset_id)
+    mora = check_config(replace(config, adapter="mora", variant=config.variant if config.adapter == "mora" else None,
+                                name=""))
+    lora = check_config(replace(config, adapter="lora", variant=None, name=""))
+    first = service.launch(mora, name=f"{group} · MoRA", group_name=group, dataset_id=dataset_id)
+    second = service.launch(lora, name=f"{group} · LoRA", group_name=group, dataset_id=dataset_id)
     return first, second
 
 

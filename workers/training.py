@@ -301,12 +301,12 @@ def run_training(
     worker: str = "",
 ) -> TrainResult:
     """Train one model as `config` says, writing the run folder and emitting events; never raises for a bad run:
-    the result (and a `status` event) says `failed` with the reason."""
+    the result (and a `status` event) says `failed` with the reason. `config` was checked where it entered (the
+    service for the queue, `mora-studio train`, the bench's plans), once; it is not checked again here."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     publisher = EventPublisher(run_id or uuid.uuid4().hex[:12], [JsonlSink(run_dir / "metrics.jsonl"), *sinks])
     try:
-        config.validate()
         config = config.resolved()
         config.save(run_dir / "config.json")
         publisher.status("running", "loading model and data", worker=worker)

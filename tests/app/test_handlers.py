@@ -1,4 +1,6 @@
 """The Data and Train tabs' logic as plain functions, against a real SQLite store and a real (embedded) Redis queue."""
+import base64
+import json
 import os
 
 import pytest
@@ -9,7 +11,7 @@ from storage.repo import Store
 from tests.workers.sample_data import write_dataset
 from workers import bus
 from workers.embedded_redis import EmbeddedRedis
-from workers.train_config import ConfigError
+from workers.train_config import ConfigError, TrainConfig
 
 
 @pytest.fixture()
@@ -103,6 +105,34 @@ def test_the_pair_shares_data_seed_and_budget_and_is_queued(service, store, tmp_
     assert bus.queue_lengths(bus.connect(os.environ["REDIS_URL"]))["train"] == 2
     with pytest.raises(ConfigError, match="dataset: upload a dataset"):
         train_view.launch_from_form(service, values, None, pair=False)
+
+
+def queued_training_settings() -> list[dict]:
+    """The settings each training task waiting in the queue carries, read from its Celery message in Redis (protocol
+    2: the body is [args, kwargs, embed], and args are run id, settings, run folder, resume folder)."""
+    client = bus.connect(os.environ["REDIS_URL"])
+    return [json.loads(base64.b64decode(json.loads(raw)["body"]))[0][1] for raw in client.lrange("train", 0, -1)]
+
+
+def test_a_launch_checks_each_config_once_and_sends_the_settings_the_run_records(service, store, tmp_path,
+                                                                                  monkeypatch):
+    checked = []
+    validate = TrainConfig.validate
+    monkeypatch.setattr(TrainConfig, "validate", lambda config: (checked.append(config.adapter), validate(config))[1])
+    dataset = datasets.ingest_upload(store, tmp_path / "d", write_dataset(tmp_path, "chat"), "c.jsonl").dataset
+    values = {"adapter": "mora", "r": 8, "max_steps": 30, "learning_rate": 0, "variant": "sharing"}
+    [run] = train_view.launch_from_form(service, values, dataset.id, pair=False)
+    assert checked == ["mora"]
+    assert queued_training_settings() == [run.config] and run.config["learning_rate"] == 5e-5
+    checked.clear()
+    train_view.launch_from_form(service, values, dataset.id, pair=True)
+    assert checked == ["mora", "mora", "lora"]  # the form's config, then each of the pair: once each
+    as_text = lambda settings: sorted(json.dumps(s, sort_keys=True) for s in settings)  # noqa: E731
+    assert as_text(queued_training_settings()) == as_text(r.config for r in store.list_runs())
+    # ReMoRA fits MoRA sharing but not LoRA: the pair is refused before either run is queued
+    with pytest.raises(ConfigError, match="remora_steps: ReMoRA applies to MoRA adapters only"):
+        train_view.launch_from_form(service, {**values, "remora_steps": 10}, dataset.id, pair=True)
+    assert len(store.list_runs()) == 3 and len(queued_training_settings()) == 3
 
 
 def test_service_refuses_what_cannot_be_done(service, store, tmp_path):

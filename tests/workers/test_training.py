@@ -172,6 +172,16 @@ def test_bad_configs_fail_with_a_message_not_a_traceback(tmp_path, tiny_model_di
     assert result.status == "failed" and "no-model" in result.message
 
 
+def test_mora_studio_train_refuses_a_bad_config_before_anything_runs(tmp_path, capsys):
+    """The engine trusts its config (the service checks what goes to the queue), so the command line checks its own."""
+    from app.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "x.jsonl"), "--batch-size", "0", "--out", str(out)]) == 2
+    assert "mora-studio train: batch_size: must be at least 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_paper_default_learning_rates():
     assert default_learning_rate("mora", 8) == 3e-4
     assert default_learning_rate("mora", 256) == 5e-5
