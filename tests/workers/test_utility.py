@@ -78,7 +78,7 @@ def test_budget_of_chosen_modules_and_bad_payloads(world):
 
 
 def test_handle_refuses_what_it_does_not_know():
-    assert handle("bogus", {}) == {"error": "unknown call 'bogus': the calls are budget, preview"}
+    assert handle("bogus", {}) == {"error": "unknown call 'bogus': the calls are budget, export, preview"}
     assert "unknown model 'nah'" in handle("budget", {"model": "nah", "r": 8})["error"]
     assert handle("preview", {"model": "tiny-llama", "path": 3}) == {"error": "'path' must be str, found int"}
 
