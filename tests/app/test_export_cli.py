@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 
 from storage.repo import Store
-from tests.workers.test_export import IDS, _adapter_run, _base, _logits
+from tests.workers.test_export import IDS, _adapter_run, _base, _logits, adapter_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,10 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def data(tmp_path_factory, tiny_model_dir):
     data_dir = tmp_path_factory.mktemp("cli-export") / "data"
     store = Store(f"sqlite:///{data_dir / 'studio.db'}")
-    runs, expected = {}, {}
-    for kind, config in (("sharing", mora.MoRAConfig(r=8, variant="sharing")),
-                         ("rope", mora.MoRAConfig(r=8, variant="rope"))):
-        runs[kind], expected[kind] = _adapter_run(store, data_dir / "runs", tiny_model_dir, kind, config)
+    runs, expected = adapter_runs(store, data_dir / "runs", tiny_model_dir, ("sharing", "rope"))
     runs["failed"], _ = _adapter_run(store, data_dir / "runs", tiny_model_dir, "failed", mora.LoRAConfig(r=2),
                                      status="failed")
     store.close()

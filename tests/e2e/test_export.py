@@ -9,7 +9,7 @@ import pytest
 import mora
 from storage.repo import Store
 from tests.e2e.browser import open_page, shot
-from tests.workers.test_export import _adapter_run
+from tests.workers.test_export import adapter_runs
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def _export_and_download(page, label, tmp_path):
 def test_export_from_the_runs_tab_downloads_the_file(studio, tiny_model_dir, tmp_path):
     url, data_dir = studio
     store = Store(f"sqlite:///{data_dir / 'studio.db'}")
-    run, _ = _adapter_run(store, data_dir / "runs", tiny_model_dir, "sharing", mora.MoRAConfig(r=8, variant="sharing"))
+    run = adapter_runs(store, data_dir / "runs", tiny_model_dir, ("sharing",))[0]["sharing"]
     with open_page(url) as page:
         page.get_by_role("tab", name="Runs").click()
         page.locator("#run-action-target input").click()

@@ -58,6 +58,16 @@ def _adapter_run(store, runs_dir, tiny_model_dir, kind, config, status="succeede
                    getattr(config, "variant", None), status=status), _logits(model)
 
 
+CONFIGS = {"sharing": mora.MoRAConfig(r=8, variant="sharing"), "rope": mora.MoRAConfig(r=8, variant="rope"),
+           "lora": mora.LoRAConfig(r=4, alpha=8)}
+
+
+def adapter_runs(store, runs_dir, tiny_model_dir, kinds):
+    """({kind: succeeded run}, {kind: the adapted model's logits}) for adapter runs of CONFIGS' kinds."""
+    made = {kind: _adapter_run(store, runs_dir, tiny_model_dir, kind, CONFIGS[kind]) for kind in kinds}
+    return {kind: run for kind, (run, _) in made.items()}, {kind: logits for kind, (_, logits) in made.items()}
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("export")
@@ -66,11 +76,7 @@ def world(tmp_path_factory, tiny_model_dir):
         patch.setenv("MORA_MODELS_DIR", str(tiny_model_dir.parent))
         store = Store(f"sqlite:///{root / 'studio.db'}")
         runs_dir = root / "data" / "runs"
-        runs, expected = {}, {}
-        for kind, config in (("sharing", mora.MoRAConfig(r=8, variant="sharing")),
-                             ("rope", mora.MoRAConfig(r=8, variant="rope")),
-                             ("lora", mora.LoRAConfig(r=4, alpha=8))):
-            runs[kind], expected[kind] = _adapter_run(store, runs_dir, tiny_model_dir, kind, config)
+        runs, expected = adapter_runs(store, runs_dir, tiny_model_dir, ("sharing", "rope", "lora"))
         runs["failed"], _ = _adapter_run(store, runs_dir, tiny_model_dir, "failed", mora.LoRAConfig(r=2),
                                          status="failed")
         full = _base(tiny_model_dir)

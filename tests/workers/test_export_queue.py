@@ -8,11 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import mora
 from app import export_view
 from app.service import StudioService
 from tests.workers.queue_harness import make_world
-from tests.workers.test_export import _adapter_run, _logits
+from tests.workers.test_export import _logits, adapter_runs
 from workers import api
 
 
@@ -23,11 +22,8 @@ def world(tiny_model_dir, tmp_path_factory):
         patch.setenv("MORA_DATA_DIR", str(root / "data"))
         patch.setenv("MORA_MODELS_DIR", str(tiny_model_dir.parent))
         world = make_world(root, tiny_model_dir)
-        world.runs, world.expected = {}, {}
-        for kind, config in (("sharing", mora.MoRAConfig(r=8, variant="sharing")),
-                             ("rope", mora.MoRAConfig(r=8, variant="rope"))):
-            world.runs[kind], world.expected[kind] = _adapter_run(world.store, root / "data" / "runs",
-                                                                  tiny_model_dir, kind, config)
+        world.runs, world.expected = adapter_runs(world.store, root / "data" / "runs", tiny_model_dir,
+                                                  ("sharing", "rope"))
         world.start_worker("utility")
         yield world
         world.close()
