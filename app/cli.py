@@ -23,6 +23,13 @@ ENVIRONMENT = """environment:
                       names and MORA_HOST); other Host headers get 403
   MORA_UPLOAD_CACHE_S Gradio's copies of uploads are deleted after this many seconds (default: 3600)
   MORA_CHAT_TIME_LIMIT_S  the longest one chat answer may take, in seconds (default: 300)
+  MORA_CHAT_MAX_ADAPTERS  adapters a chat worker keeps loaded per base model, least recently used dropped (default: 8)
+  MORA_API_KEYS       comma-separated bearer tokens the OpenAI-compatible API (/v1) requires (default: unset, the
+                      API answers loopback clients only, and none while MORA_AUTH is set)
+  MORA_API_MAX_BODY_KB   largest API request body (default: 1024)
+  MORA_API_MAX_PENDING   most API requests followed at once; past it, 429 (default: 64)
+  MORA_SERVE_WINDOW_MS   a chat worker collects API requests until none came for this long (default: 30)
+  MORA_SERVE_MAX_BATCH   most API requests in one batched generation (default: 16)
 """
 
 

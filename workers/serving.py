@@ -37,7 +37,7 @@ from workers.chat import (PUBLISH_EVERY_S, STOP_POLL_S, ChatEngine, ChatError, S
 from workers.generation import GenerationSettings, LengthError, check_lengths, context_length, render_prompt, \
     stream_rows
 from workers.models import ModelError, ModelInfo, resolve_model
-from workers.settings import serve_max_batch, serve_window_ms
+from workers.settings import SettingError, serve_max_batch, serve_window_ms
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,11 @@ class ServeRequest:
         self.publish([text], done, str(error) if error is not None else None, stopped, extra)
         self.last_text, self.last_sent = text, now
         self.finished = self.finished or final
+
+
+def refuse(publish: SnapshotPublisher, error: ServeError) -> None:
+    """A request's last snapshot: the error, its OpenAI type and the parameter at fault."""
+    publish([""], True, str(error), None, {"error_type": error.error_type, "param": error.param, "code": error.code})
 
 
 def parse_request(raw: Any, publish: SnapshotPublisher) -> ServeRequest:
@@ -186,8 +191,7 @@ class Server:
             try:
                 request = parse_request(raw, publish)
             except ServeError as error:
-                publish([""], True, str(error), None, {"error_type": error.error_type, "param": error.param,
-                                                      "code": error.code})
+                refuse(publish, error)
                 continue
             request.send("", state="taken")
             requests.append(request)
@@ -302,6 +306,14 @@ class _Leaving:
 def run_waiting_requests(url: str) -> None:
     """The doorbell task: answer every API request waiting, in batches."""
     client = bus.connect(url)
-    waiting = take_waiting(client, serve_window_ms() / 1000, serve_max_batch())
+    try:
+        window_s, max_batch = serve_window_ms() / 1000, serve_max_batch()
+        server = Server(client)
+    except SettingError as error:  # every waiting caller hears why, instead of waiting for nobody
+        for raw in take_waiting(client, 0.0, 256):
+            refuse(SnapshotPublisher(client, str(raw["id"]), every_s=0),
+                   ServeError(f"the chat worker cannot answer: {error}", "server_error"))
+        return
+    waiting = take_waiting(client, window_s, max_batch)
     if waiting:
-        Server(client).answer(waiting)
+        server.answer(waiting)

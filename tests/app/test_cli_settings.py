@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
     ("MORA_PORT", "70000", ["web"], "MORA_PORT must be at most 65535, found 70000"),
     ("MORA_AUTH", "nocolon", ["web"], "MORA_AUTH must be user:password"),
     ("MORA_MAX_UPLOAD_MB", "0", ["web"], "MORA_MAX_UPLOAD_MB must be a positive whole number, found '0'"),
+    ("MORA_API_KEYS", "short", ["web"], "MORA_API_KEYS: each key must be at least 8 printable ASCII characters"),
+    ("MORA_API_MAX_PENDING", "-1", ["web"], "MORA_API_MAX_PENDING must be a positive whole number, found '-1'"),
 ])
 def test_a_bad_setting_is_one_line(tmp_path, variable, value, command, expected):
     env = {**os.environ, "MORA_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", variable: value,

@@ -12,7 +12,7 @@ from workers import bus
 from workers.chat import ChatEngine
 from workers.embedded_redis import EmbeddedRedis
 from workers.generation import GenerationSettings, render_prompt, stream_rows
-from workers.serving import Server, take_waiting
+from workers.serving import Server, run_waiting_requests, take_waiting
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -80,9 +80,14 @@ def test_a_row_whose_caller_left_ends_while_the_others_go_on(model_and_tokenizer
 # ---- the worker's server on a real Redis --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def redis_client():
+def redis_url():
     with EmbeddedRedis() as server:
-        yield bus.connect(server.url)
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def redis_client(redis_url):
+    return bus.connect(redis_url)
 
 
 def _request(request_id, adapter=None, max_new_tokens=12, **extra):
@@ -157,3 +162,14 @@ def test_a_burst_is_collected_until_a_window_passes_without_a_request(redis_clie
     waited = time.monotonic() - started
     assert [r["id"] for r in taken] == ["first", "newest"]
     assert least_s < waited < most_s, waited
+
+
+def test_a_bad_worker_setting_answers_every_waiting_request_with_it(redis_url, redis_client, monkeypatch):
+    redis_client.delete(bus.SERVE_PENDING)
+    redis_client.rpush(bus.SERVE_PENDING, json.dumps(_request("waiting", enqueued_at=time.time())))
+    monkeypatch.setenv("MORA_SERVE_WINDOW_MS", "soon")
+    run_waiting_requests(redis_url)
+    final = _last(redis_client, "waiting")
+    assert final["done"] and final["extra"]["error_type"] == "server_error"
+    assert final["error"] == ("the chat worker cannot answer: MORA_SERVE_WINDOW_MS must be a positive whole number, "
+                              "found 'soon'")
