@@ -8,7 +8,6 @@ import json
 import shutil
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import openai
@@ -18,10 +17,11 @@ from starlette.requests import Request
 import mora
 from app.openai_api import APIError, OpenAIAPI, ServedModel, build_job
 from storage.repo import Store
-from tests.app.test_up import studio_env, studio_process
+from tests.app.test_up import _http_status, studio_env, studio_process
 from tests.fixtures.tiny_model import build_long_model
 from tests.workers.queue_harness import wait_for
 from tests.workers.test_chat import _save_random_adapter
+from tests.workers.test_serving import _printable_stop
 from workers import bus
 from workers.embedded_redis import free_port
 from workers.generation import GenerationSettings, reply
@@ -69,15 +69,8 @@ def studio(tiny_model_dir, tmp_path_factory):
 
 
 def _status(url: str, key=None, data=None, headers=None) -> int:
-    request = urllib.request.Request(url, data=data, headers={**({"Authorization": f"Bearer {key}"} if key else {}),
-                                                              **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:
-        return 0
+    return _http_status(urllib.request.Request(url, data=data, headers={
+        **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}))
 
 
 def _expected(studio, adapter_path, messages, max_tokens):
@@ -86,14 +79,6 @@ def _expected(studio, adapter_path, messages, max_tokens):
     name = mora.load_adapter(model, adapter_path) if adapter_path else None
     return reply(model.eval(), tokenizer, messages, name, GenerationSettings(max_new_tokens=max_tokens,
                                                                             temperature=0.0))
-
-
-def _printable_stop(text: str) -> str:
-    for start in range(1, len(text) - 1):
-        piece = text[start:start + 2]
-        if piece.isascii() and piece.isprintable() and not piece.isspace():
-            return piece
-    raise AssertionError(f"no printable pair in {text!r}")
 
 
 def test_models_lists_the_bases_and_every_succeeded_run_by_id_and_name(studio):
@@ -313,3 +298,24 @@ def test_a_job_carries_the_settings_and_openai_defaults():
     assert completion["prompt"] == "Once" and completion["settings"]["max_new_tokens"] == 0  # the worker refuses 0
     assert build_job({"prompt": "Once"}, BASE, chat=False)["settings"]["max_new_tokens"] == 16
     assert _refused(lambda: build_job({"prompt": ["a", "b"]}, BASE, chat=False)).param == "prompt"
+
+
+def test_no_chat_worker_and_no_queue_are_503_in_openai_shape(tmp_path, tiny_model_dir, monkeypatch):
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from app.openai_api import _refusal
+    from app.service import StudioService
+
+    silent = _refusal({"texts": [], "done": True, "error": "no chat worker answered within 30 s; start one with "
+                                                             "mora-studio worker --queues chat"})
+    assert (silent.status, silent.code, silent.headers["Retry-After"]) == (503, "worker_unavailable", "5")
+    monkeypatch.setenv("MORA_MODELS_DIR", str(tiny_model_dir.parent))
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    with Store(f"sqlite:///{tmp_path / 'studio.db'}") as store:
+        app = FastAPI(routes=OpenAIAPI(StudioService(store), keys=[]).routes())
+        with TestClient(app, client=("127.0.0.1", 50000)) as client:
+            answer = client.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": QUESTION})
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
+    error = answer.json()["error"]
+    assert error["code"] == "queue_unavailable" and error["message"].startswith("cannot reach the queue's Redis at")
