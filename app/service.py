@@ -8,8 +8,9 @@ from typing import Any, Iterable, Optional
 from app import datasets, settings
 from storage.repo import NotFound, Store
 from storage.records import ArtifactRecord, ChatSessionRecord, DatasetRecord, RunRecord, RunsPage
-from workers import api
+from workers import api, memory_estimate, model_shapes
 from workers.export import ExportError, request_for_run
+from workers.models import ModelError
 from workers.train_config import MAX_NAME_CHARS, ConfigError, TrainConfig
 
 CANCELLABLE = ("queued", "running")
@@ -71,6 +72,9 @@ class StudioService:
         and the user gets the reason."""
         check_labels(name=name, tags=tags, group_name=group_name)
         resolved = config.resolved()
+        too_big = self._memory_refusal(resolved)
+        if too_big:
+            raise ServiceError(too_big)
         run_settings = resolved.to_dict()
         label = name or resolved.name or f"{resolved.adapter} r={resolved.r}" + (
             f" {resolved.variant}" if resolved.adapter == "mora" else "")
@@ -89,6 +93,25 @@ class StudioService:
             run_dir.rmdir()
             raise ServiceError(f"the run was not queued: {error}") from None
         return run
+
+    def memory_report(self, config: TrainConfig) -> Optional[dict[str, Any]]:
+        """The pre-flight memory estimate of a run (`workers.memory_estimate.fit_report`) against the training
+        workers connected now; None for a model whose layer shapes are not known without loading it."""
+        shapes = model_shapes.shapes_for(config.model)
+        if shapes is None:
+            return None
+        try:
+            workers = api.workers()
+        except Exception:  # Redis unreachable: estimate against nothing; sending the run will say what is wrong
+            workers = []
+        return memory_estimate.fit_report(shapes, config.resolved(), workers)
+
+    def _memory_refusal(self, config: TrainConfig) -> Optional[str]:
+        try:
+            report = self.memory_report(config)
+        except ModelError:  # a model only the workers' hosts have: they check it, and nothing is estimated here
+            return None
+        return memory_estimate.refusal_message(config, report) if report else None
 
     def cancel(self, run_id: str) -> RunRecord:
         run = self.store.get_run(run_id)

@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 from app.service import StudioService, check_config
 from storage.records import RunRecord
-from workers import api, model_shapes
+from workers import api, memory_estimate, model_shapes
+from workers.formatting import format_bytes
 from workers.models import ModelError
 from workers.train_config import ConfigError, TrainConfig, default_learning_rate, default_variant
 
@@ -62,6 +63,38 @@ def budget_markdown(model: Optional[str], r: int, variant: Optional[str], adapte
             f"| LoRA | A: r × in, B: out × r | {lora:,} |\n\n"
             f"{len(reply['layers'])} layers adapted; MoRA uses {100 * mora / lora:.1f}% of LoRA's budget "
             f"with rank up to {sides[-1]} instead of {int(r)}.")
+
+
+MEMORY_FIELDS = ("model", "adapter", "r", "variant", "batch_size", "max_length", "gradient_checkpointing", "dtype",
+                 "target_modules", "dropout")
+
+
+def memory_markdown(service: StudioService, values: dict[str, Any]) -> str:
+    """The pre-flight memory estimate shown beside the Launch button: the peak of one step, its largest parts, and
+    which connected training workers it fits (the service refuses a run that fits none, with the same numbers)."""
+    try:
+        config = config_from_form(values, data_path="(the dataset chosen above)")
+        report = service.memory_report(config)
+    except (ConfigError, ModelError, ValueError) as error:
+        return f"_Memory estimate unavailable: {error}_"
+    if report is None:
+        return "_Memory estimate unavailable for this architecture (only Llama-like models are described)._"
+    estimates = report["estimates"]
+    lines = []
+    for kind, estimate in estimates.items():
+        parts = ", ".join(f"{name} {format_bytes(size)}" for name, size in estimate.parts() if size)
+        lines.append(f"**Memory: about {format_bytes(estimate.total)}** a step on a {kind.upper()} "
+                     f"({config.batch_size} × {config.max_length} tokens): {parts}.")
+    if not report["workers"]:
+        lines.append("No training worker is connected yet; the run will wait for one.")
+    elif report["fits"]:
+        names = ", ".join(f"{w['name']} ({w['memory_gb']:g} GiB)" for w in report["fits"])
+        lines.append(f"✅ Fits {names}.")
+    else:
+        lines.append(f"⛔ {memory_estimate.refusal_message(config, report)}.")
+    if report["with_checkpointing"] and (report["fits"] or not report["workers"]):
+        lines.append(f"With gradient checkpointing: about {format_bytes(report['with_checkpointing'])}.")
+    return "  \n".join(lines)
 
 
 def parameter_budget(model: Optional[str], r: int, variant: str) -> dict[str, Any]:

@@ -114,8 +114,9 @@ def train_tab(service: StudioService) -> dict[str, Any]:
             form["max_steps"] = gr.Number(value=100, precision=0, label="Max steps (-1: use epochs)",
                                             elem_id="max-steps")
             form["epochs"] = gr.Number(value=1.0, label="Epochs")
-            form["batch_size"] = gr.Number(value=4, precision=0, label="Batch size")
-            form["max_length"] = gr.Number(value=512, precision=0, label="Max length (tokens)")
+            form["batch_size"] = gr.Number(value=4, precision=0, label="Batch size", elem_id="batch-size")
+            form["max_length"] = gr.Number(value=512, precision=0, label="Max length (tokens)",
+                                             elem_id="max-length")
             form["seed"] = gr.Number(value=0, precision=0, label="Seed")
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
@@ -141,6 +142,7 @@ def train_tab(service: StudioService) -> dict[str, Any]:
         with gr.Row():
             launch = gr.Button("Launch run", variant="primary", elem_id="launch")
             pair = gr.Button("Compare MoRA and LoRA at this budget", elem_id="launch-pair")
+        memory = gr.Markdown(elem_id="memory-estimate")
         launched = gr.Markdown(elem_id="launch-message")
         with gr.Accordion("Presets", open=False):
             with gr.Row():
@@ -207,11 +209,15 @@ def train_tab(service: StudioService) -> dict[str, Any]:
     for trigger in (form["adapter"], form["r"], form["variant"], form["model"]):
         trigger.change(on_rank_change, [form["adapter"], form["r"], form["variant"], form["model"]],
                        [defaults, budget], show_progress="hidden")
+    for name in train_view.MEMORY_FIELDS:
+        form[name].change(lambda *args: train_view.memory_markdown(service, values_of(args)), components, memory,
+                          show_progress="hidden")
     launch.click(launcher(pair=False), [dataset, *components], launched)
     pair.click(launcher(pair=True), [dataset, *components], launched)
     save.click(on_save, [preset_name, *components], [preset_message, preset])
     load.click(on_load, [preset], [preset_message, *components])
-    return {"tab": tab, "dataset": dataset, "form": form, "budget": budget, "defaults": defaults}
+    return {"tab": tab, "dataset": dataset, "form": form, "budget": budget, "defaults": defaults, "memory": memory,
+            "memory_of": lambda *args: train_view.memory_markdown(service, values_of(args)), "components": components}
 
 
 def runs_tab(service: StudioService) -> dict[str, Any]:
@@ -423,4 +429,6 @@ def build_app(service: StudioService) -> gr.Blocks:
         form = train["form"]
         app.load(lambda m, r, v, a: (train_view.defaults_note(a, r, v), train_view.budget_markdown(m, r, v, a)),
                  [form["model"], form["r"], form["variant"], form["adapter"]], [train["defaults"], train["budget"]])
+        for event in (app.load, train["tab"].select):  # workers come and go: estimate against those there now
+            event(train["memory_of"], train["components"], train["memory"], show_progress="hidden")
     return app

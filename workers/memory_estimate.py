@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from mora.variants import get_variant, r_hat
+from workers.formatting import format_bytes
 from workers.model_shapes import ModelShapes, _targeted
 from workers.train_config import TrainConfig
 
@@ -129,10 +130,6 @@ def estimate(shapes: ModelShapes, config: TrainConfig, device_kind: str = "cpu")
         gradient_checkpointing=config.gradient_checkpointing)
 
 
-def gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.0f} MiB"
-
-
 def fit_report(shapes: ModelShapes, config: TrainConfig, workers: list[dict[str, Any]]) -> dict[str, Any]:
     """The estimate for each kind of connected training worker, and whether the run fits any of them: what the
     Train tab shows and what the service checks before recording a run. No training worker connected: nothing to
@@ -159,7 +156,7 @@ def refusal_message(config: TrainConfig, report: dict[str, Any]) -> Optional[str
     need = report["estimates"][largest.get("kind", "cpu")].total
     advice = "lower batch_size or max_length"
     if report["with_checkpointing"]:
-        advice += f", or enable gradient_checkpointing (about {gib(report['with_checkpointing'])})"
-    return (f"this run needs about {gib(need)} of memory ({config.batch_size} × {config.max_length} tokens a step) "
+        advice += f", or enable gradient_checkpointing (about {format_bytes(report['with_checkpointing'])})"
+    return (f"this run needs about {format_bytes(need)} of memory ({config.batch_size} × {config.max_length} tokens a step) "
             f"and the largest training worker, {largest['name']}, has {largest['memory_gb']:g} GiB, of which "
             f"{int(FITS_FRACTION * 100)}% may be planned for: {advice}")

@@ -20,6 +20,7 @@ import torch
 from workers import bus
 from workers.celery_app import TRAIN_QUEUE
 from workers.events import EventPublisher, JsonlSink
+from workers.formatting import format_bytes
 from workers.settings import train_memory_limit_gb
 from workers.train_config import TrainConfig
 from storage.statuses import TERMINAL_STATUSES
@@ -67,7 +68,7 @@ def run_queued_training(url: str, run_id: str, config: dict[str, Any], run_dir: 
 
 def _ended_message(ended: JobExit, limit_gb: Optional[float]) -> str:
     if ended.over_limit:
-        return (f"the training job held {ended.rss_bytes / 2**30:.1f} GiB, over this worker's limit of {limit_gb:g} "
+        return (f"the training job held {format_bytes(ended.rss_bytes, 'GiB')}, over this worker's limit of {limit_gb:g} "
                 f"GiB (MORA_TRAIN_MEMORY_LIMIT_GB), and was stopped: {LOWER_MEMORY}")
     return killed_message(ended.code, LOWER_MEMORY)
 

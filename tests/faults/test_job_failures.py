@@ -4,6 +4,7 @@ job; a job over the worker's memory limit fails with "ran out of memory"; a kill
 import os
 import re
 import signal
+import time
 
 import pytest
 
@@ -52,8 +53,10 @@ def test_a_killed_job_fails_its_run_at_once_and_the_worker_takes_the_next(world,
     wait_for(lambda: (world.store.get_run(run.id).step or 0) >= 12, 120, "the run to pass step 12")
     job = wait_for(lambda: _job_pid(service, run.id), 30, "the job's process id in the run's log")
     assert job != worker.pid
+    killed = time.monotonic()
     os.kill(job, signal.SIGKILL)
     failed = _final(world, run.id, timeout=30)
+    print(f"run marked failed {time.monotonic() - killed:.2f} s after kill -9 of its job")
     assert failed.status == "failed"
     assert failed.status_message.startswith("the training process was killed by signal 9 (SIGKILL), most likely by "
                                             "the kernel's out-of-memory killer: lower batch_size or max_length")

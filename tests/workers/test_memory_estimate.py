@@ -12,6 +12,7 @@ from mora.variants import r_hat
 from storage.repo import Store
 from workers import bus, memory_estimate as me
 from workers.embedded_redis import EmbeddedRedis
+from workers.formatting import format_bytes
 from workers.model_shapes import DEFAULT_MODEL_SHAPES, ModelShapes
 from workers.train_config import TrainConfig
 
@@ -63,7 +64,7 @@ def test_the_refusal_names_the_numbers_and_what_to_lower():
     report = me.fit_report(DEFAULT_MODEL_SHAPES, config, small)
     message = me.refusal_message(config, report)
     need = me.estimate(DEFAULT_MODEL_SHAPES, config, "cpu").total
-    assert message.startswith(f"this run needs about {me.gib(need)} of memory (64 × 4096 tokens a step) and the "
+    assert message.startswith(f"this run needs about {format_bytes(need)} of memory (64 × 4096 tokens a step) and the "
                               "largest training worker, train-cpu0@a, has 8 GiB")
     assert "lower batch_size or max_length, or enable gradient_checkpointing (about" in message
     assert me.refusal_message(config, me.fit_report(DEFAULT_MODEL_SHAPES, config, [])) is None  # nobody to fit yet
@@ -96,7 +97,7 @@ def test_the_service_refuses_a_run_no_worker_can_hold_and_records_nothing(redis_
     client = bus.connect(redis.url)
     bus.announce_worker(client, "train-cpu0@host", {"queues": ["train"], "memory_gb": 4.0, "kind": "cpu"})
     service = StudioService(store, runs_dir=tmp_path / "runs")
-    with pytest.raises(ServiceError, match=r"this run needs about \d+\.\d GiB of memory \(32 × 8192 tokens a step\) "
+    with pytest.raises(ServiceError, match=r"this run needs about \d+(\.\d)? GiB of memory \(32 × 8192 tokens a step\) "
                                            r"and the largest training worker, train-cpu0@host, has 4 GiB"):
         service.submit({"data": str(tmp_path / "d.jsonl"), "batch_size": 32, "max_length": 8192})
     assert store.list_runs() == [] and not (tmp_path / "runs").exists()
