@@ -225,3 +225,75 @@ class StreamPosition(Base):
     stream: Mapped[str] = mapped_column(String(255), primary_key=True)
     last_id: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Evaluation(Base):
+    """One evaluation: a dataset's prompts answered by several rows (runs, or the base model alone) side by side."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="status"),
+        Index(None, "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    base_model: Mapped[str] = mapped_column(String(255))
+    rows: Mapped[list[dict[str, Any]]] = mapped_column(_json())
+    source: Mapped[dict[str, Any]] = mapped_column(_json())
+    settings: Mapped[dict[str, Any]] = mapped_column(_json())
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status_message: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    worker: Mapped[Optional[str]] = mapped_column(String(255))
+    examples_total: Mapped[int] = mapped_column(Integer, default=0)
+    examples_done: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    started_at: Mapped[Optional[datetime]] = mapped_column(UtcDateTime)
+    finished_at: Mapped[Optional[datetime]] = mapped_column(UtcDateTime)
+
+
+class EvaluationExample(Base):
+    """One prompt of an evaluation and its reference answer; `judgements` holds the pairwise judge's verdicts."""
+
+    __tablename__ = "evaluation_examples"
+    __table_args__ = (UniqueConstraint("evaluation_id", "example"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    evaluation_id: Mapped[str] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"))
+    example: Mapped[int] = mapped_column(Integer)
+    source_row: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[list[dict[str, Any]]] = mapped_column(_json())
+    reference: Mapped[str] = mapped_column(Text)
+    judgements: Mapped[Optional[Any]] = mapped_column(_json(nullable=True))
+
+
+class EvaluationAnswer(Base):
+    """One row's answer to one example, with its scores (metric name → value) and the pointwise judge's verdict."""
+
+    __tablename__ = "evaluation_answers"
+    __table_args__ = (UniqueConstraint("evaluation_id", "example", "row"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    evaluation_id: Mapped[str] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"))
+    example: Mapped[int] = mapped_column(Integer)
+    row: Mapped[int] = mapped_column(Integer)
+    answer: Mapped[str] = mapped_column(Text)
+    scores: Mapped[dict[str, Any]] = mapped_column(_json())
+    judge_score: Mapped[Optional[float]] = mapped_column(Float)
+    judge_reason: Mapped[Optional[str]] = mapped_column(Text)
+
+
+class EvaluationScore(Base):
+    """One row's score on one metric over the whole evaluation; `step` is the row's run's step when it was scored."""
+
+    __tablename__ = "evaluation_scores"
+    __table_args__ = (UniqueConstraint("evaluation_id", "row", "metric"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    evaluation_id: Mapped[str] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"))
+    row: Mapped[int] = mapped_column(Integer)
+    run_id: Mapped[Optional[str]] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"), index=True)
+    step: Mapped[Optional[int]] = mapped_column(Integer)
+    metric: Mapped[str] = mapped_column(String(64))
+    value: Mapped[Optional[float]] = mapped_column(Float)

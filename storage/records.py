@@ -165,3 +165,60 @@ class VoteCounts:
     run_id: str
     wins: int
     losses: int
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    id: str
+    name: str
+    base_model: str
+    rows: list[dict[str, Any]]
+    """[{"label": ..., "run_id": ... or None (the base model alone)}, ...]: who answers, in column order; an
+    answer's or score's `row` is an index into this list."""
+    source: dict[str, Any]
+    """Where the prompts came from: {"data": file, "split": "all" | "train" | "eval", "limit", ...}."""
+    settings: dict[str, Any]
+    status: str
+    status_message: str
+    error: Optional[str]
+    worker: Optional[str]
+    examples_total: int
+    examples_done: int
+    created_at: datetime
+    started_at: Optional[datetime]
+    finished_at: Optional[datetime]
+
+
+@dataclass(frozen=True)
+class EvaluationExampleRecord:
+    evaluation_id: str
+    example: int
+    source_row: int
+    """The example's row in its data file (1-based, as dataset messages count rows)."""
+    prompt: list[dict[str, Any]]
+    """The conversation up to the answer: [{role, content}, ...]."""
+    reference: str
+    judgements: Optional[Any]
+    """The pairwise judge's verdicts: [{"a": row, "b": row, "winner": row or None (a tie), "reasons": [...]}]."""
+
+
+@dataclass(frozen=True)
+class EvaluationAnswerRecord:
+    evaluation_id: str
+    example: int
+    row: int
+    answer: str
+    scores: dict[str, Any]
+    """Metric name → this answer's value (None where it could not be computed)."""
+    judge_score: Optional[float]
+    judge_reason: Optional[str]
+
+
+@dataclass(frozen=True)
+class EvaluationScoreRecord:
+    evaluation_id: str
+    row: int
+    run_id: Optional[str]
+    step: Optional[int]
+    metric: str
+    value: Optional[float]

@@ -33,6 +33,10 @@ from storage.models import (
     ChatMessage,
     ChatSession,
     Dataset,
+    Evaluation,
+    EvaluationAnswer,
+    EvaluationExample,
+    EvaluationScore,
     MetricPoint,
     Run,
     RunLog,
@@ -45,6 +49,10 @@ from storage.records import (
     ChatMessageRecord,
     ChatSessionRecord,
     DatasetRecord,
+    EvaluationAnswerRecord,
+    EvaluationExampleRecord,
+    EvaluationRecord,
+    EvaluationScoreRecord,
     LogLineRecord,
     MetricPointRecord,
     RunRecord,
@@ -698,6 +706,212 @@ class Store:
         with self._unit() as session:
             wins, losses = session.execute(query).one()
         return VoteCounts(run_id=run_id, wins=wins, losses=losses)
+
+    # -- evaluations ----------------------------------------------------------------------------------------------
+
+    def create_evaluation(self, *, name: str, base_model: str, rows: Sequence[Mapping[str, Any]],
+                          source: Mapping[str, Any], settings: Optional[Mapping[str, Any]] = None
+                          ) -> EvaluationRecord:
+        """Record an evaluation as `queued` before its job is sent: `rows` ({label, run_id or None for the base
+        model alone}) answer the prompts of `source` side by side."""
+        columns = []
+        for index, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise StorageError(f"rows[{index}] must be a mapping with label and run_id, got {row!r}")
+            run_id = row.get("run_id")
+            columns.append({"label": _text(f"rows[{index}].label", row.get("label")),
+                            "run_id": None if run_id is None else _text(f"rows[{index}].run_id", run_id)})
+        if not columns:
+            raise StorageError("rows: an evaluation needs at least one row (a run or the base model)")
+        if not isinstance(source, Mapping):
+            raise StorageError(f"source must be a mapping, got {type(source).__name__}")
+        evaluation = Evaluation(
+            id=secrets.token_hex(6), name=_text("name", name), base_model=_model(base_model), rows=columns,
+            source=_json("source", dict(source)), settings=_json("settings", dict(settings or {})),
+            status="queued", status_message="", examples_total=0, examples_done=0)
+        with self._unit(write=True) as session:
+            for column in columns:
+                if column["run_id"] is not None:
+                    self._get(session, Run, column["run_id"], "run")
+            session.add(evaluation)
+            session.flush()
+            return _record(EvaluationRecord, evaluation)
+
+    def get_evaluation(self, evaluation_id: str) -> EvaluationRecord:
+        with self._unit() as session:
+            return _record(EvaluationRecord, self._get(session, Evaluation, evaluation_id, "evaluation"))
+
+    def list_evaluations(self, limit: int = 100) -> list[EvaluationRecord]:
+        """Newest first, at most `limit`."""
+        query = (select(Evaluation).order_by(Evaluation.created_at.desc(), Evaluation.id.desc())
+                 .limit(_integer("limit", limit, minimum=1)))
+        with self._unit() as session:
+            return [_record(EvaluationRecord, evaluation) for evaluation in session.scalars(query)]
+
+    def set_evaluation_status(self, evaluation_id: str, status: str, message: str = "", *,
+                              worker: Optional[str] = None, examples_total: Optional[int] = None,
+                              at: Optional[datetime] = None) -> EvaluationRecord:
+        """Move an evaluation to `status` as `set_status` moves a run: a terminal status is final (the same one again
+        is a no-op, another raises `InvalidTransition`)."""
+        _choice("status", status, STATUSES)
+        if not isinstance(message, str):
+            raise StorageError(f"message must be a string, got {message!r}")
+        when = _aware("at", at)
+        with self._unit(write=True) as session:
+            evaluation = self._get(session, Evaluation, evaluation_id, "evaluation", lock=True)
+            if evaluation.status in TERMINAL_STATUSES:
+                if status == evaluation.status:
+                    return _record(EvaluationRecord, evaluation)
+                raise InvalidTransition(f"evaluation {evaluation_id!r} is {evaluation.status}; refusing to set it "
+                                        f"{status}")
+            if status == "running" and evaluation.started_at is None:
+                evaluation.started_at = when
+            if status in TERMINAL_STATUSES:
+                evaluation.finished_at = when
+            evaluation.status, evaluation.status_message = status, message
+            if status == "failed":
+                evaluation.error = message
+            if worker is not None:
+                evaluation.worker = _text("worker", worker)
+            if examples_total is not None:
+                evaluation.examples_total = _integer("examples_total", examples_total)
+            session.flush()
+            return _record(EvaluationRecord, evaluation)
+
+    def add_evaluation_examples(self, evaluation_id: str, examples: Iterable[Mapping[str, Any]]) -> int:
+        """Store examples ({example, source_row, prompt, reference}); idempotent on (evaluation, example)."""
+        rows = []
+        for index, item in enumerate(examples):
+            where = f"examples[{index}]"
+            if not isinstance(item, Mapping) or not isinstance(item.get("reference"), str):
+                raise StorageError(f"{where} must be a mapping with example, source_row, prompt and a reference "
+                                   f"string, got {item!r}")
+            rows.append({"evaluation_id": evaluation_id, "example": _integer(f"{where}.example", item.get("example")),
+                         "source_row": _integer(f"{where}.source_row", item.get("source_row")),
+                         "prompt": _json(f"{where}.prompt", list(item.get("prompt") or [])),
+                         "reference": item["reference"], "judgements": None})
+        table: Table = EvaluationExample.__table__
+        statement = (self._insert(table).on_conflict_do_nothing(index_elements=["evaluation_id", "example"])
+                     .returning(table.c.id))
+        return self._insert_evaluation_rows(evaluation_id, statement, _unique_by(rows, "example"))
+
+    def add_evaluation_answers(self, evaluation_id: str, answers: Iterable[Mapping[str, Any]],
+                               examples_done: Optional[int] = None) -> int:
+        """Store answers ({example, row, answer, scores}); idempotent on (evaluation, example, row). `examples_done`
+        is the evaluation's progress after them (it only grows)."""
+        rows = []
+        for index, item in enumerate(answers):
+            where = f"answers[{index}]"
+            if not isinstance(item, Mapping) or not isinstance(item.get("answer"), str):
+                raise StorageError(f"{where} must be a mapping with example, row and an answer string, got {item!r}")
+            scores = item.get("scores") or {}
+            if not isinstance(scores, Mapping):
+                raise StorageError(f"{where}.scores must be a mapping of metric names to numbers, got {scores!r}")
+            rows.append({"evaluation_id": evaluation_id, "example": _integer(f"{where}.example", item.get("example")),
+                         "row": _integer(f"{where}.row", item.get("row")), "answer": item["answer"],
+                         "scores": {_text(f"{where}.scores", name): _number(f"{where}.scores.{name}", value)
+                                    for name, value in scores.items()},
+                         "judge_score": None, "judge_reason": None})
+        table: Table = EvaluationAnswer.__table__
+        statement = (self._insert(table).on_conflict_do_nothing(index_elements=["evaluation_id", "example", "row"])
+                     .returning(table.c.id))
+        added = self._insert_evaluation_rows(evaluation_id, statement, _unique_by(rows, "example", "row"))
+        if examples_done is not None:
+            done = _integer("examples_done", examples_done)
+            with self._unit(write=True) as session:
+                evaluation = self._get(session, Evaluation, evaluation_id, "evaluation")
+                evaluation.examples_done = max(evaluation.examples_done, done)
+        return added
+
+    def _insert_evaluation_rows(self, evaluation_id: str, statement: Any, rows: list[dict[str, Any]]) -> int:
+        with self._unit(write=True) as session:
+            self._get(session, Evaluation, evaluation_id, "evaluation")
+            if not rows:
+                return 0
+            return len(session.execute(statement, rows).all())
+
+    def put_evaluation_scores(self, evaluation_id: str, scores: Iterable[Mapping[str, Any]]) -> None:
+        """Store each row's score per metric ({row, metric, value, run_id?, step?}); a second score for the same
+        (evaluation, row, metric) replaces the first."""
+        rows = []
+        for index, item in enumerate(scores):
+            where = f"scores[{index}]"
+            if not isinstance(item, Mapping):
+                raise StorageError(f"{where} must be a mapping with row, metric and value, got {item!r}")
+            rows.append({"evaluation_id": evaluation_id, "row": _integer(f"{where}.row", item.get("row")),
+                         "run_id": _optional_text(f"{where}.run_id", item.get("run_id")),
+                         "step": _optional_integer(f"{where}.step", item.get("step")),
+                         "metric": _text(f"{where}.metric", item.get("metric")),
+                         "value": _number(f"{where}.value", item.get("value"))})
+        rows = _unique_by(rows, "row", "metric")
+        table: Table = EvaluationScore.__table__
+        statement = self._insert(table)
+        statement = statement.on_conflict_do_update(
+            index_elements=["evaluation_id", "row", "metric"],
+            set_={key: statement.excluded[key] for key in ("run_id", "step", "value")})
+        with self._unit(write=True) as session:
+            self._get(session, Evaluation, evaluation_id, "evaluation")
+            known = {run_id for run_id in session.scalars(
+                select(Run.id).where(Run.id.in_(sorted({row["run_id"] for row in rows if row["run_id"]}))))}
+            for row in rows:  # a run deleted meanwhile: its score stays, unattached, like its answers
+                if row["run_id"] not in known:
+                    row["run_id"] = None
+            if rows:
+                session.execute(statement, rows)
+
+    def judge_evaluation(self, evaluation_id: str, answers: Iterable[Mapping[str, Any]] = (),
+                         examples: Iterable[Mapping[str, Any]] = ()) -> None:
+        """Store a judge's verdicts: pointwise on answers ({example, row, score, reason}), pairwise on examples
+        ({example, judgements}); each replaces what was there."""
+        with self._unit(write=True) as session:
+            self._get(session, Evaluation, evaluation_id, "evaluation")
+            for index, item in enumerate(answers):
+                where = f"answers[{index}]"
+                reason = item.get("reason")
+                if reason is not None and not isinstance(reason, str):
+                    raise StorageError(f"{where}.reason must be a string, got {reason!r}")
+                answer = session.scalars(select(EvaluationAnswer).where(
+                    EvaluationAnswer.evaluation_id == evaluation_id,
+                    EvaluationAnswer.example == _integer(f"{where}.example", item.get("example")),
+                    EvaluationAnswer.row == _integer(f"{where}.row", item.get("row")))).first()
+                if answer is None:
+                    raise NotFound(f"{where}: no answer of row {item['row']} to example {item['example']}")
+                answer.judge_score, answer.judge_reason = _number(f"{where}.score", item.get("score")), reason
+            for index, item in enumerate(examples):
+                where = f"examples[{index}]"
+                example = session.scalars(select(EvaluationExample).where(
+                    EvaluationExample.evaluation_id == evaluation_id,
+                    EvaluationExample.example == _integer(f"{where}.example", item.get("example")))).first()
+                if example is None:
+                    raise NotFound(f"{where}: no example {item['example']}")
+                example.judgements = _json(f"{where}.judgements", item.get("judgements"))
+
+    def evaluation_examples(self, evaluation_id: str) -> list[EvaluationExampleRecord]:
+        """In example order."""
+        query = (select(EvaluationExample).where(EvaluationExample.evaluation_id == evaluation_id)
+                 .order_by(EvaluationExample.example))
+        with self._unit() as session:
+            return [_record(EvaluationExampleRecord, example) for example in session.scalars(query)]
+
+    def evaluation_answers(self, evaluation_id: str) -> list[EvaluationAnswerRecord]:
+        """By example, then row."""
+        query = (select(EvaluationAnswer).where(EvaluationAnswer.evaluation_id == evaluation_id)
+                 .order_by(EvaluationAnswer.example, EvaluationAnswer.row))
+        with self._unit() as session:
+            return [_record(EvaluationAnswerRecord, answer) for answer in session.scalars(query)]
+
+    def evaluation_scores(self, evaluation_id: str) -> list[EvaluationScoreRecord]:
+        """By row, then metric."""
+        query = (select(EvaluationScore).where(EvaluationScore.evaluation_id == evaluation_id)
+                 .order_by(EvaluationScore.row, EvaluationScore.metric))
+        with self._unit() as session:
+            return [_record(EvaluationScoreRecord, score) for score in session.scalars(query)]
+
+    def delete_evaluation(self, evaluation_id: str) -> None:
+        """Delete an evaluation with its examples, answers and scores."""
+        with self._unit(write=True) as session:
+            self._get(session, Evaluation, evaluation_id, "evaluation")
+            session.execute(delete(Evaluation).where(Evaluation.id == evaluation_id))
 
     # -- stream positions -----------------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from storage.models import Base
 from storage.repo import Store
 
 TABLES = {"datasets", "runs", "metric_points", "run_logs", "artifacts", "chat_sessions", "chat_messages", "votes",
-          "stream_positions"}
+          "stream_positions", "evaluations", "evaluation_examples", "evaluation_answers", "evaluation_scores"}
 
 
 def _head() -> str:
@@ -102,7 +102,7 @@ def test_migrations_ship_inside_the_package():
     assert (MIGRATIONS_DIR / "env.py").is_file()
     assert (MIGRATIONS_DIR / "script.py.mako").is_file()
     assert (MIGRATIONS_DIR / "__init__.py").is_file() and (MIGRATIONS_DIR / "versions" / "__init__.py").is_file()
-    assert _head() == "0001"
+    assert _head() == "0002"
 
 
 def test_sqlite_connections_use_wal_foreign_keys_and_busy_timeout(tmp_path):
