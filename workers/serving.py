@@ -162,7 +162,9 @@ def take_waiting(client: redis.Redis, window_s: float, max_batch: int) -> list[d
         if not isinstance(request, dict) or not request.get("id"):
             log.warning("dropped an API request without an id: %.80r", item)
             continue
-        if float(request.get("expires_at") or now + 1) < now or bus.chat_stop_requested(client, str(request["id"])):
+        expires_at = request.get("expires_at")
+        if (isinstance(expires_at, (int, float)) and expires_at < now) or bus.chat_stop_requested(
+                client, str(request["id"])):
             continue
         waiting.append(request)
     return waiting
