@@ -11,8 +11,8 @@ The figure is the peak of one training step, as the sum of:
 - the activations saved for the backward pass, for batch_size × max_length tokens (a packed or padded batch is never
   longer): per block, the inputs the linears, norms, attention and SwiGLU keep, and the adapter branches' own; with
   gradient checkpointing only each block's input, plus one block recomputed at a time;
-- the logits and the loss: the LM head's output and its float32 copies for the cross-entropy and its gradient (for a
-  49k vocabulary this is the largest term at short lengths);
+- the logits and the loss: the LM head's output and four float32 copies (the shifted logits, their log-softmax and
+  the gradients of both); for a 49k vocabulary this is the largest term with gradient checkpointing;
 - the process itself: Python, torch and transformers on a CPU, the CUDA context on a GPU; and a margin for the
   allocator's fragmentation.
 It was checked against the peak resident memory of real CPU runs of the default model (README, "Memory before
@@ -32,6 +32,7 @@ GIB = 2**30
 CPU_PROCESS_BYTES = int(0.55 * GIB)  # python + torch + transformers + tokenizers, resident, before the model
 CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # the CUDA context and kernels, outside torch's allocator
 FRAGMENTATION = 1.10  # the allocators hold about a tenth more than the live tensors at the peak
+LOGIT_COPIES = 4  # float32: the shifted logits, their log-softmax, and the gradients of both in the backward
 FITS_FRACTION = 0.92  # what of a device's memory a run may plan to use: the rest is the system's and the chat's
 
 
@@ -122,7 +123,7 @@ def estimate(shapes: ModelShapes, config: TrainConfig, device_kind: str = "cpu")
         activations = shapes.num_layers * shapes.hidden_size * tokens * act_bytes + block
     else:
         activations = shapes.num_layers * block
-    logits = tokens * shapes.vocab_size * (act_bytes + 3 * 4)
+    logits = tokens * shapes.vocab_size * (act_bytes + LOGIT_COPIES * 4)
     return MemoryEstimate(
         weights=base + trainable * trainable_bytes,
         trainable=trainable * trainable_bytes, optimizer=2 * trainable * trainable_bytes, activations=activations,

@@ -37,7 +37,7 @@ def test_each_part_by_hand_for_mora_on_a_cpu():
     tokens = 4 * 128
     per_block = 4 * 64 + 3 * 64 + 2 * 32 + 4 * 128 + sum(sides[:7])  # the block's values and the compressed inputs
     assert e.activations == 2 * per_block * tokens * 4
-    assert e.logits == tokens * 1000 * (4 + 12)
+    assert e.logits == tokens * 1000 * (4 + 4 * 4)
     assert e.total == int((e.weights + e.optimizer + e.activations + e.logits) * me.FRAGMENTATION) + me.CPU_PROCESS_BYTES
 
 
