@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from app import datasets, settings
+from app import datasets, evaluations, settings
 from storage.repo import NotFound, Store
-from storage.records import ArtifactRecord, ChatSessionRecord, DatasetRecord, RunRecord, RunsPage
+from storage.records import (ArtifactRecord, ChatSessionRecord, DatasetRecord, EvaluationAnswerRecord,
+                             EvaluationExampleRecord, EvaluationRecord, EvaluationScoreRecord, RunRecord, RunsPage,
+                             VoteCounts)
 from workers import api, memory_estimate, model_shapes
 from workers.export import ExportError, request_for_run
 from workers.models import ModelError
@@ -238,6 +240,55 @@ class StudioService:
 
     def artifacts(self, run_id: str) -> list[ArtifactRecord]:
         return self.store.get_artifacts(run_id)
+
+    # -- evaluations (the Runs tab's Evaluation view and `mora-studio eval`) -------------------------------------
+
+    def start_evaluation(self, run_ids: Iterable[str], include_base: bool = False, prompts: str = "eval split",
+                         data: Optional[str] = None, limit: int = 100, max_new_tokens: int = 64,
+                         judge: Optional[dict[str, Any]] = None, name: str = "", seed: int = 0) -> EvaluationRecord:
+        """Check and record an evaluation of these runs (and the base model alone) on `prompts` (one of
+        `app.evaluations.SOURCES`; `data` is the file for "file"), and queue it on the chat workers. Both happen or
+        neither: an evaluation whose job cannot be sent is removed again."""
+        runs = [self.find_run(ref) for ref in run_ids]
+        try:
+            source = evaluations.source_for(runs, prompts, data, int(limit), seed)
+            rows, request = evaluations.build_request(runs, include_base, source, int(max_new_tokens), judge)
+        except ValueError as error:  # EvalError, JudgeError: each names the setting
+            raise ServiceError(str(error)) from None
+        check_labels(name=name)
+        record = self.store.create_evaluation(
+            name=name.strip() or evaluations.default_name(runs, include_base, source),
+            base_model=request.base_model or "", rows=rows, source=source.__dict__,
+            settings=evaluations.stored_settings(request))
+        try:
+            api.submit_evaluation(record.id, request.to_dict())
+        except api.QueueUnavailable as error:
+            self.store.delete_evaluation(record.id)
+            raise ServiceError(f"the evaluation was not queued: {error}") from None
+        return record
+
+    def cancel_evaluation(self, eval_id: str) -> EvaluationRecord:
+        evaluation = self.store.get_evaluation(eval_id)
+        if evaluation.status not in CANCELLABLE:
+            raise ServiceError(f"evaluation {eval_id} is {evaluation.status}; only a queued or running one stops")
+        api.cancel_evaluation(eval_id)
+        return evaluation
+
+    def evaluations(self, limit: int = 100) -> list[EvaluationRecord]:
+        return self.store.list_evaluations(limit)
+
+    def evaluation(self, eval_id: str) -> EvaluationRecord:
+        return self.store.get_evaluation(eval_id)
+
+    def evaluation_results(self, eval_id: str) -> tuple[list[EvaluationScoreRecord], list[EvaluationExampleRecord],
+                                                        list[EvaluationAnswerRecord]]:
+        """(scores per row and metric, examples, answers) of one evaluation."""
+        return (self.store.evaluation_scores(eval_id), self.store.evaluation_examples(eval_id),
+                self.store.evaluation_answers(eval_id))
+
+    def votes(self, run_ids: Iterable[str]) -> dict[str, VoteCounts]:
+        """Blind A/B votes won and lost by each run, over every chat: the human score beside the automatic ones."""
+        return {run_id: self.store.votes_for_run(run_id) for run_id in run_ids}
 
 
 __all__ = ["StudioService", "ServiceError", "ConfigError", "check_config"]

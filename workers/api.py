@@ -18,8 +18,8 @@ from celery import Celery
 
 from kombu.exceptions import OperationalError
 
-from workers.celery_app import (CHAT_QUEUE, CHAT_TASK, SENT_TTL_S, SERVE_TASK, TRAIN_QUEUE, TRAIN_TASK, UTILITY_QUEUE,
-                                UTILITY_TASK, make_celery, sent_key)
+from workers.celery_app import (CHAT_QUEUE, CHAT_TASK, EVAL_TASK, SENT_TTL_S, SERVE_TASK, TRAIN_QUEUE, TRAIN_TASK,
+                                UTILITY_QUEUE, UTILITY_TASK, make_celery, sent_key)
 from workers.settings import redis_url
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -70,6 +70,23 @@ def submit_training(run_id: str, config: dict[str, Any], run_dir: str, resume_fr
 def _without_password(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     return f"{scheme}{sep}{rest.rpartition('@')[2]}" if "@" in rest else url
+
+
+def submit_evaluation(eval_id: str, request: dict[str, Any]) -> None:
+    """Queue an evaluation (its request: `workers.evaluation.EvalRequest` as a dict) on the chat queue; the record
+    must already exist in the store as `queued`. Raises `QueueUnavailable` if Redis is down."""
+    url = redis_url() or DEFAULT_URL
+    try:
+        _celery(url).send_task(EVAL_TASK, args=[eval_id, request], queue=CHAT_QUEUE,
+                               retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+    except (redis.RedisError, OSError, OperationalError) as error:
+        raise QueueUnavailable(f"cannot reach the queue's Redis at {_without_password(url)} ({error}); start the "
+                               "studio with `mora-studio up`") from error
+
+
+def cancel_evaluation(eval_id: str) -> None:
+    """Stop an evaluation after its current batch; what it answered so far is kept."""
+    bus.request_eval_cancel(client(), eval_id)
 
 
 def request_cancel(run_id: str) -> None:

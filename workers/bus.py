@@ -53,6 +53,15 @@ def marker_key(run_id: str) -> str:
     return f"mora:run:{run_id}:marker"
 
 
+def eval_stream_key(eval_id: str) -> str:
+    """An evaluation's events (`workers.evaluation`), read by the collector like a run's stream."""
+    return f"mora:eval:{eval_id}:events"
+
+
+def eval_cancel_key(eval_id: str) -> str:
+    return f"mora:eval:{eval_id}:cancel"
+
+
 def worker_key(name: str) -> str:
     return f"mora:worker:{name}"
 
@@ -92,8 +101,11 @@ class RedisStreamSink:
     Publishing never raises for a connection problem: the run goes on, and the replay catches up.
     """
 
-    def __init__(self, client: redis.Redis, run_id: str) -> None:
+    def __init__(self, client: redis.Redis, run_id: str, key: Optional[str] = None) -> None:
+        """`key`: another stream than the run's (an evaluation's); its marker is `key:marker`."""
         self.client, self.run_id = client, run_id
+        self.stream = key or stream_key(run_id)
+        self.marker = f"{key}:marker" if key else marker_key(run_id)
         self.sent: list[str] = []
         self._replay = False
         self._lock = threading.Lock()
@@ -103,7 +115,7 @@ class RedisStreamSink:
         with self._lock:
             self.sent.append(payload)
             try:
-                if self._replay or not self.client.exists(marker_key(self.run_id)):
+                if self._replay or not self.client.exists(self.marker):
                     self._publish(self.sent)
                 else:
                     self._publish([payload])
@@ -114,9 +126,9 @@ class RedisStreamSink:
     def _publish(self, payloads: list[str]) -> None:
         pipe = self.client.pipeline(transaction=False)
         for payload in payloads:
-            pipe.xadd(stream_key(self.run_id), {"event": payload}, maxlen=STREAM_MAXLEN, approximate=True)
-        pipe.sadd(STREAMS_SET, stream_key(self.run_id))
-        pipe.set(marker_key(self.run_id), "1", ex=STATE_TTL_S)
+            pipe.xadd(self.stream, {"event": payload}, maxlen=STREAM_MAXLEN, approximate=True)
+        pipe.sadd(STREAMS_SET, self.stream)
+        pipe.set(self.marker, "1", ex=STATE_TTL_S)
         pipe.execute()
 
 
@@ -126,6 +138,14 @@ def request_cancel(client: redis.Redis, run_id: str) -> None:
 
 def cancel_requested(client: redis.Redis, run_id: str) -> bool:
     return bool(client.exists(cancel_key(run_id)))
+
+
+def request_eval_cancel(client: redis.Redis, eval_id: str) -> None:
+    client.set(eval_cancel_key(eval_id), "1", ex=STATE_TTL_S)
+
+
+def eval_cancel_requested(client: redis.Redis, eval_id: str) -> bool:
+    return bool(client.exists(eval_cancel_key(eval_id)))
 
 
 def set_state(client: redis.Redis, run_id: str, status: str) -> None:

@@ -21,6 +21,7 @@ TRAIN_TASK = "mora.train_run"
 CHAT_TASK = "mora.chat_generate"
 SERVE_TASK = "mora.serve"  # a doorbell: the chat worker answers every waiting API request (workers.serving)
 UTILITY_TASK = "mora.utility"  # small request/reply calls (preview, budget) the web process cannot do without torch
+EVAL_TASK = "mora.evaluate"  # on the chat queue: its worker's resident models and adapters answer (workers.evaluation)
 SENT_TTL_S = 30 * 24 * 3600
 
 
@@ -42,7 +43,8 @@ def make_celery(broker_url: str | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         task_queues=tuple(Queue(name) for name in QUEUES),
         task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, CHAT_TASK: {"queue": CHAT_QUEUE},
-                     SERVE_TASK: {"queue": CHAT_QUEUE}, UTILITY_TASK: {"queue": UTILITY_QUEUE}},
+                     SERVE_TASK: {"queue": CHAT_QUEUE}, UTILITY_TASK: {"queue": UTILITY_QUEUE},
+                     EVAL_TASK: {"queue": CHAT_QUEUE}},
         task_default_queue=TRAIN_QUEUE,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 7 * 24 * 3600},  # long runs must not be redelivered

@@ -90,7 +90,8 @@ class Collector:
             self.store.set_stream_position(stream, entries[-1][0])
             self._positions[stream] = entries[-1][0]
             handled += len(events)
-            if any(event["kind"] == "status" and event.get("status") in TERMINAL_STATUSES for event in events):
+            if any(event["kind"] in ("status", "eval_status") and event.get("status") in TERMINAL_STATUSES
+                   for event in events):
                 self._retire(stream)
         return handled
 
@@ -116,13 +117,44 @@ class Collector:
     def apply(self, events: Iterable[dict[str, Any]]) -> None:
         """Store a batch of events (any runs, any order within a run is tolerated)."""
         by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        by_evaluation: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for event in events:
-            by_run[event["run_id"]].append(event)
+            if "eval_id" in event:
+                by_evaluation[event["eval_id"]].append(event)
+            else:
+                by_run[event["run_id"]].append(event)
         for run_id, run_events in by_run.items():
             try:
                 self._apply_run(run_id, sorted(run_events, key=lambda e: e["seq"]))
             except NotFound:
                 log.info("collector: events for unknown run %s ignored", run_id)
+        for eval_id, eval_events in by_evaluation.items():
+            try:
+                self._apply_evaluation(eval_id, sorted(eval_events, key=lambda e: e["seq"]))
+            except NotFound:
+                log.info("collector: events for unknown evaluation %s ignored", eval_id)
+
+    def _apply_evaluation(self, eval_id: str, events: list[dict[str, Any]]) -> None:
+        """An evaluation's events (`workers.evaluation`) into the store; every write is idempotent."""
+        for event in events:
+            kind = event["kind"]
+            if kind == "eval_status":
+                at = datetime.fromtimestamp(event["time"], timezone.utc) if event.get("time") is not None else None
+                try:
+                    self.store.set_evaluation_status(eval_id, event["status"], event.get("message", ""),
+                                                     worker=event.get("worker") or None,
+                                                     examples_total=event.get("examples_total"), at=at)
+                except InvalidTransition:
+                    pass  # a replayed or late event cannot move a finished evaluation
+            elif kind == "eval_examples":
+                self.store.add_evaluation_examples(eval_id, event["examples"])
+            elif kind == "eval_answers":
+                self.store.add_evaluation_answers(eval_id, event["answers"], examples_done=event.get("examples_done"))
+            elif kind == "eval_scores":
+                self.store.put_evaluation_scores(eval_id, event["scores"])
+            elif kind == "eval_judged":
+                self.store.judge_evaluation(eval_id, answers=event.get("answers", []),
+                                            examples=event.get("examples", []))
 
     def _apply_run(self, run_id: str, events: list[dict[str, Any]]) -> None:
         points, lines, progress = [], [], {}

@@ -6,8 +6,9 @@ from typing import Any, Optional
 from celery.signals import worker_ready, worker_shutdown
 
 from workers import job_process
-from workers.celery_app import CHAT_TASK, SERVE_TASK, TRAIN_QUEUE, TRAIN_TASK, UTILITY_TASK, app
+from workers.celery_app import CHAT_TASK, EVAL_TASK, SERVE_TASK, TRAIN_QUEUE, TRAIN_TASK, UTILITY_TASK, app
 from workers.chat import run_queued_chat
+from workers.evaluation import run_queued_evaluation
 from workers.queued import WorkerPresence, run_queued_training
 from workers.serving import run_waiting_requests
 from workers.settings import redis_url
@@ -30,6 +31,11 @@ def chat_generate(request_id: str, request: dict[str, Any]) -> None:
 @app.task(name=SERVE_TASK)
 def serve_waiting() -> None:
     run_waiting_requests(redis_url() or app.conf.broker_url)
+
+
+@app.task(name=EVAL_TASK, bind=True)
+def evaluate(self, eval_id: str, request: dict[str, Any]) -> None:
+    run_queued_evaluation(redis_url() or app.conf.broker_url, eval_id, request, worker=self.request.hostname or "")
 
 
 @app.task(name=UTILITY_TASK)

@@ -1,0 +1,130 @@
+"""Evaluation by generation, in-process with the chat engine and the tiny model: where the prompts come from, the
+teacher-forced loss (batched equals alone equals by hand), every row's answers in one batched pass equal to each
+row answering alone, the per-row summary. Shapes and equalities, never generated text."""
+import json
+import math
+
+import pytest
+import torch
+
+import mora
+from tests.workers.sample_data import FACTS, write_dataset
+from tests.workers.test_chat import _save_random_adapter
+from workers.chat import ChatEngine
+from workers.data import _held_out
+from workers.evaluation import (Answer, EvalError, EvalRequest, EvalSource, answer_losses, read_examples,
+                                run_evaluation, summarize)
+from workers.generation import GenerationSettings, render_prompt, reply
+from workers.model_loading import load_model
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluation")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MORA_MODELS_DIR", str(tiny_model_dir.parent))
+        patch.setenv("MORA_DATA_DIR", str(root / "data"))
+        model, _ = load_model("tiny-llama")
+        adapters = {"mora": _save_random_adapter(model, "m", mora.MoRAConfig(r=8), root / "mora", 1),
+                    "lora": _save_random_adapter(model, "l", mora.LoRAConfig(r=4, init_weights=False),
+                                                 root / "lora", 2)}
+        yield {"root": root, "chat": write_dataset(root, "chat"), "adapters": adapters}
+
+
+def test_the_eval_split_is_the_rows_training_held_out_and_train_is_the_rest(env):
+    held = _held_out(len(FACTS), 0.25, 3, "chat.jsonl")
+    evaluation = read_examples(EvalSource(str(env["chat"]), "eval", 0.25, 3))
+    train = read_examples(EvalSource(str(env["chat"]), "train", 0.25, 3))
+    assert [e.source_row - 1 for e in evaluation] == sorted(held)
+    assert sorted(e.source_row for e in train + evaluation) == list(range(1, len(FACTS) + 1))
+    first = evaluation[0]
+    country, capital = FACTS[first.source_row - 1]
+    assert first.prompt == [{"role": "user", "content": f"What is the capital of {country}?"}]
+    assert first.reference == f"The capital of {country} is {capital}." and first.example == 0
+
+
+def test_a_limit_takes_the_same_seeded_sample_in_file_order(env):
+    one = read_examples(EvalSource(str(env["chat"]), limit=3, seed=5))
+    assert [e.source_row for e in one] == [e.source_row for e in read_examples(EvalSource(str(env["chat"]), limit=3,
+                                                                                          seed=5))]
+    assert len(one) == 3 and [e.source_row for e in one] == sorted(e.source_row for e in one)
+    assert [e.example for e in one] == [0, 1, 2]
+
+
+def test_sources_that_cannot_be_evaluated_say_why(env, tmp_path):
+    with pytest.raises(EvalError, match="raw text has no prompt and reference"):
+        read_examples(EvalSource(str(write_dataset(tmp_path, "text"))))
+    with pytest.raises(EvalError, match="does not exist"):
+        read_examples(EvalSource(str(tmp_path / "missing.jsonl")))
+    with pytest.raises(EvalError, match="limit: between 1 and 1000"):
+        EvalSource(str(env["chat"]), limit=5000).validate()
+    with pytest.raises(EvalError, match="split 'eval' needs the run's eval_fraction"):
+        EvalSource(str(env["chat"]), split="eval").validate()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
+    with pytest.raises(EvalError, match="row 1: nothing comes before the assistant's answer"):
+        read_examples(EvalSource(str(bad)))
+    with pytest.raises(EvalError, match=r"rows: between 1 and 8"):
+        EvalRequest.from_dict({"rows": [], "source": {"data": "x"}})
+    with pytest.raises(EvalError, match="max_new_tokens: between 1 and 1024"):
+        EvalRequest.from_dict({"rows": [{"label": "b"}], "source": {"data": "x"}, "max_new_tokens": 0})
+
+
+def test_answer_loss_in_a_batch_equals_alone_and_the_loss_by_hand(env):
+    model, tokenizer = load_model("tiny-llama")
+    name = mora.load_adapter(model, env["adapters"]["mora"], activate=False)
+    model.eval()
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in ("Hi?", "A longer question?")]
+    references = [tokenizer("Paris is big.", add_special_tokens=False)["input_ids"],
+                  tokenizer("No.", add_special_tokens=False)["input_ids"]]
+    pad = tokenizer.pad_token_id
+    batched = answer_losses(model, prompts, references, [name, None], pad)
+    alone = [answer_losses(model, [p], [r], [a], pad)[0] for p, r, a in zip(prompts, references, [name, None])]
+    assert batched == pytest.approx(alone, abs=1e-5)
+    with torch.no_grad():  # by hand: the base alone, unpadded, mean NLL of the reference tokens
+        ids = torch.tensor([prompts[1] + references[1]])
+        logits = model(ids).logits[0]
+        start = len(prompts[1])
+        nll = -torch.log_softmax(logits[start - 1:-1], -1)[torch.arange(len(references[1])),
+                                                            torch.tensor(references[1])].mean()
+    assert batched[1] == pytest.approx(float(nll), abs=1e-5)
+    assert batched[0] != pytest.approx(batched[1])
+
+
+def test_every_row_answers_every_prompt_in_one_pass_as_it_would_alone(env):
+    engine = ChatEngine(device="cpu")
+    request = EvalRequest.from_dict({
+        "base_model": "tiny-llama", "max_new_tokens": 8, "batch_rows": 6,
+        "rows": [{"label": "base"}, {"label": "mora", "run_id": "r1", "adapter_path": env["adapters"]["mora"],
+                                     "step": 20},
+                 {"label": "lora", "adapter_path": env["adapters"]["lora"]}],
+        "source": {"data": str(env["chat"]), "limit": 5}})
+    seen, progress = [], []
+    result = run_evaluation(engine, request, seen.append, lambda answers, done: progress.append((len(answers), done)))
+    assert len(seen[0]) == 5 and progress == [(6, 2), (6, 4), (3, 5)]  # 6 rows a batch: 2 prompts × 3 rows
+    assert sorted((a.example, a.row) for a in result.answers) == [(e, r) for e in range(5) for r in range(3)]
+    model, tokenizer = load_model("tiny-llama")
+    greedy = GenerationSettings(max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0)
+    for answer in result.answers[:6]:
+        path = [None, env["adapters"]["mora"], env["adapters"]["lora"]][answer.row]
+        name = mora.load_adapter(model, path, activate=False) if path else None
+        assert answer.answer == reply(model.eval(), tokenizer, result.examples[answer.example].prompt, name, greedy)
+        if name:
+            mora.remove_adapter(model, name)
+        assert set(answer.scores) == {"exact_match", "char_accuracy", "token_f1", "rouge_l", "answer_loss",
+                                      "perplexity"}
+        assert all(0 <= answer.scores[m] <= 1 for m in ("exact_match", "char_accuracy", "token_f1", "rouge_l"))
+        assert answer.scores["perplexity"] == pytest.approx(math.exp(answer.scores["answer_loss"]))
+    losses = {row: result.scores[row]["answer_loss"] for row in range(3)}
+    assert len(set(losses.values())) == 3  # each adapter changes the model
+    assert len(engine.models) == 1  # one base for all three rows
+
+
+def test_summary_means_and_perplexity_by_hand():
+    answers = [Answer(0, 0, "a", {"exact_match": 1.0, "answer_loss": 1.0}),
+               Answer(1, 0, "b", {"exact_match": 0.0, "answer_loss": 3.0}),
+               Answer(0, 1, "c", {"exact_match": 0.0, "answer_loss": None})]
+    summary = summarize(answers)
+    assert summary[0]["exact_match"] == 0.5 and summary[0]["answer_loss"] == 2.0
+    assert summary[0]["perplexity"] == pytest.approx(math.exp(2.0))  # geometric mean of e^1 and e^3
+    assert summary[1]["answer_loss"] is None and summary[1]["perplexity"] is None
