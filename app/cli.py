@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "sharing family, or a LoRA run) for LoRA servers; gguf: a GGUF file and an Ollama Modelfile "
                     "(Llama-family models) for llama.cpp and Ollama. Runs here, in this process: no studio needed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    add_eval_arguments(commands.add_parser(
+        "eval", help="answer a file's prompts with runs or adapter folders side by side and print their scores",
+        description="Evaluate by generation: every prompt of --data (chat, ShareGPT, alpaca or prompt/completion "
+                    "rows; the last assistant turn is the reference) is answered greedily by each run's adapter or "
+                    "model (and the base model with --base), in batched passes on one copy of the base, and scored: "
+                    "exact match, character accuracy, token F1, ROUGE-L, answer loss and perplexity. Runs here, in "
+                    "this process: no studio needed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     for name, text in (("status", "show one run"), ("cancel", "cancel a queued or running run"),
                        ("resume", "resume a failed or cancelled run from its last checkpoint, as a new run"),
                        ("logs", "print a run's log lines")):
@@ -92,6 +100,19 @@ def add_export_arguments(export: argparse.ArgumentParser) -> None:
     export.add_argument("--gguf-type", default="f16", help="the GGUF file's tensor type: f16 or q8_0")
     export.add_argument("--force", action="store_true",
                         help="replace --out if it exists (a file, an empty folder or an earlier export only)")
+
+
+def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
+    evaluate.add_argument("runs", nargs="*", metavar="RUN_OR_DIR",
+                          help="a run's id or name, or an adapter or model folder")
+    evaluate.add_argument("--base", action="store_true", help="the base model alone answers too")
+    evaluate.add_argument("--data", type=Path, required=True, help="the prompts and references (a dataset file)")
+    evaluate.add_argument("--limit", type=int, default=100, help="at most this many prompts (a seeded sample)")
+    evaluate.add_argument("--seed", type=int, default=0, help="the seed of the sample")
+    evaluate.add_argument("--max-new-tokens", type=int, default=64, help="the longest answer, in tokens")
+    evaluate.add_argument("--model", default=None,
+                          help="the base model (default: the runs' model, else the default model)")
+    evaluate.add_argument("--json", type=Path, default=None, help="also write the scores and every answer here")
 
 
 def add_bench_arguments(bench: argparse.ArgumentParser) -> None:

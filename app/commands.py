@@ -1,5 +1,5 @@
 """The process and queue commands of `mora-studio`: up, worker, web, submit, runs, status, cancel, resume, logs,
-bench, export."""
+bench, export, eval."""
 from __future__ import annotations
 
 import argparse
@@ -234,9 +234,72 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """In this process (torch-side, like `export`): the rows are runs of the store or folders, nothing is recorded."""
+    from app.evaluations import BASE_LABEL
+    from workers.chat import ChatEngine
+    from workers.evaluation import EvalError, EvalRequest, run_evaluation
+
+    if not args.runs and not args.base:
+        print("mora-studio eval: name the runs or folders to evaluate, or --base", file=sys.stderr)
+        return 2
+    rows, base = ([{"label": BASE_LABEL}] if args.base else []), args.model
+    for ref in args.runs:
+        folder = Path(ref).expanduser()
+        if folder.is_dir():
+            kind = "adapter_path" if (folder / "adapter_config.json").is_file() else "model_path"
+            rows.append({"label": folder.name, kind: str(folder.resolve())})
+            continue
+        run = _service().find_run(ref)
+        if not run.output_dir:
+            print(f"mora-studio eval: run {run.name} ({run.id}) is {run.status} and has no adapter or model",
+                  file=sys.stderr)
+            return 2
+        kind = "model_path" if run.output_kind == "model" else "adapter_path"
+        rows.append({"label": run.name, "run_id": run.id, kind: run.output_dir, "step": run.step})
+        base = base or run.model or None
+    try:
+        request = EvalRequest.from_dict({"base_model": base, "rows": rows, "max_new_tokens": args.max_new_tokens,
+                                         "source": {"data": str(args.data), "limit": args.limit, "seed": args.seed}})
+        result = run_evaluation(ChatEngine(), request, on_answers=lambda answers, done: print(
+            f"answered {done} prompts", file=sys.stderr))
+    except EvalError as error:
+        print(f"mora-studio eval: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 (one line, never a traceback: out of memory, a torch error)
+        print(f"mora-studio eval: the evaluation failed ({type(error).__name__}: {error})", file=sys.stderr)
+        return 1
+    labels = [row.label for row in request.rows]
+    print(score_table(labels, result.scores, len(result.examples)))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "data": str(args.data), "prompts": len(result.examples), "rows": labels,
+            "scores": {labels[row]: means for row, means in result.scores.items()},
+            "examples": [{"source_row": e.source_row, "prompt": e.prompt, "reference": e.reference,
+                          "answers": {labels[a.row]: {"answer": a.answer, "scores": a.scores}
+                                      for a in result.answers if a.example == e.example}}
+                         for e in result.examples]}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def score_table(labels: list[str], scores: dict, prompts: int) -> str:
+    """The rows' scores as a text table: one line per row, one column per metric."""
+    from workers.eval_metrics import METRICS
+
+    width = max(len("row"), *(len(label) for label in labels))
+    lines = [f"{prompts} prompts", f"{'row':<{width}}  " + "  ".join(f"{m:>13}" for m in METRICS)]
+    for row, label in enumerate(labels):
+        values = scores.get(row, {})
+        lines.append(f"{label:<{width}}  " + "  ".join(
+            f"{values[m]:>13.4f}" if values.get(m) is not None else f"{'-':>13}" for m in METRICS))
+    return "\n".join(lines)
+
+
 COMMANDS = {"up": cmd_up, "worker": cmd_worker, "web": cmd_web, "submit": cmd_submit, "runs": cmd_runs,
             "status": cmd_status, "cancel": cmd_cancel, "resume": cmd_resume, "logs": cmd_logs, "bench": cmd_bench,
-            "export": cmd_export}
+            "export": cmd_export, "eval": cmd_eval}
 
 
 def run(args: argparse.Namespace) -> int:

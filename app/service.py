@@ -286,6 +286,10 @@ class StudioService:
         return (self.store.evaluation_scores(eval_id), self.store.evaluation_examples(eval_id),
                 self.store.evaluation_answers(eval_id))
 
+    def run_scores(self, run_ids: Iterable[str], metric: str) -> list[EvaluationScoreRecord]:
+        """Every stored evaluation's score of these runs on `metric`, by step: the markers on the metric curves."""
+        return self.store.run_scores(run_ids, metric)
+
     def votes(self, run_ids: Iterable[str]) -> dict[str, VoteCounts]:
         """Blind A/B votes won and lost by each run, over every chat: the human score beside the automatic ones."""
         return {run_id: self.store.votes_for_run(run_id) for run_id in run_ids}

@@ -7,8 +7,8 @@ from typing import Any
 
 import gradio as gr
 
-from app import (bench, chat_view, datasets, export_view, runs_dashboard, runs_view, settings, system_view,
-                 train_view)
+from app import (bench, chat_view, datasets, eval_view, export_view, runs_dashboard, runs_view, settings,
+                 system_view, train_view)
 from app.service import ServiceError, StudioService
 from storage.repo import STATUSES, StorageError
 from workers.data_readers import FORMATS
@@ -22,7 +22,7 @@ CSS = """
 .example pre { white-space: pre-wrap; font-size: 0.85em; }
 .example-title { font-weight: 600; margin-top: 0.5em; }
 .legend { font-size: 0.85em; }
-"""
+""" + eval_view.CSS
 FRIENDLY_ERRORS = (ConfigError, ServiceError, StorageError, ValueError)
 
 
@@ -271,6 +271,7 @@ def runs_tab(service: StudioService) -> dict[str, Any]:
                 paper_refresh = gr.Button("Show results", scale=1, elem_id="paper-show")
             paper_table = gr.Markdown(elem_id="paper-table")
             paper_figure = gr.Plot(label="Loss and character accuracy", elem_id="paper-figure")
+        evaluation_panel(service, selected)
         dashboard = gr.State(None)
         timer = gr.Timer(1.0)
 
@@ -349,6 +350,85 @@ def runs_tab(service: StudioService) -> dict[str, Any]:
     export_model.click(lambda run_id, choice: (yield from export_view.export_run(service, run_id, choice)),
                        [chosen, export_format], [export_message, export_file])
     return {"tab": tab, "refresh": refresh}
+
+
+def evaluation_panel(service: StudioService, selected: gr.CheckboxGroup) -> None:
+    """The Runs tab's Evaluation view (`app.eval_view`): launch on the ticked runs, read scores and answers."""
+    with gr.Accordion("Evaluation: which adapter learned the data", open=False, elem_id="evaluation"):
+        with gr.Row():
+            include_base = gr.Checkbox(True, label="Base model too", elem_id="eval-base")
+            prompts = gr.Radio(list(eval_view.PROMPT_SOURCES), value="eval split", label="Prompts",
+                               elem_id="eval-prompts")
+            dataset = gr.Dropdown(_dataset_choices(service), label="Dataset (for prompts from a file)",
+                                  elem_id="eval-dataset")
+            limit = gr.Number(value=50, precision=0, minimum=1, maximum=eval_view.MOST_PROMPTS,
+                              label="Prompts (at most)", elem_id="eval-limit")
+            max_new_tokens = gr.Number(value=64, precision=0, minimum=1, maximum=1024, label="Max new tokens",
+                                       elem_id="eval-max-tokens")
+        with gr.Accordion("LLM judge (optional, any OpenAI-compatible endpoint)", open=False):
+            with gr.Row():
+                judge_mode = gr.Dropdown(["off", "pointwise", "pairwise", "both"], value="off", label="Judge")
+                judge_url = gr.Textbox(label="Endpoint URL (…/v1)", max_length=2000)
+                judge_model = gr.Textbox(label="Model", max_length=200)
+                judge_key = gr.Textbox(label="API key", type="password", max_length=500)
+        with gr.Row():
+            launch = gr.Button("Evaluate the ticked runs", variant="primary", elem_id="eval-launch")
+            cancel = gr.Button("Stop the evaluation", elem_id="eval-cancel")
+        message = gr.Markdown(elem_id="eval-message")
+        with gr.Row():
+            chosen = gr.Dropdown([], label="Evaluation", elem_id="eval-choice", scale=3)
+            sort = gr.Dropdown(list(eval_view.SORTS), value=eval_view.SORTS[0], label="Order the prompts by",
+                               elem_id="eval-sort", scale=1)
+            metric = gr.Dropdown(list(eval_view.TABLE_METRICS), value="token_f1", label="Metric",
+                                 elem_id="eval-metric", scale=1)
+        status = gr.Markdown(elem_id="eval-status")
+        scores = gr.Dataframe(interactive=False, label="Scores (one row per run; the base model is a row)",
+                              elem_id="eval-scores")
+        curves = gr.Plot(label="The metric over steps", elem_id="eval-curves")
+        examples = gr.HTML(elem_id="eval-examples")
+        version = gr.State(None)
+        timer = gr.Timer(2.0)
+
+    def on_launch(run_ids, base, source, dataset_id, count, tokens, mode, url, model, key):
+        try:
+            record = eval_view.launch(service, run_ids, base, source, dataset_id, count, tokens, mode, url, model, key)
+        except FRIENDLY_ERRORS as error:
+            return f"⚠️ {error}", gr.skip()
+        choices = eval_view.evaluation_choices(service.evaluations())
+        return f"✅ queued the evaluation **{record.name}** (`{record.id}`)", gr.Dropdown(choices=choices,
+                                                                                        value=record.id)
+
+    def on_cancel(eval_id):
+        if not eval_id:
+            return "Choose an evaluation first."
+        try:
+            service.cancel_evaluation(eval_id)
+        except FRIENDLY_ERRORS as error:
+            return f"⚠️ {error}"
+        return "stopping after the current batch; what was answered is kept"
+
+    def on_tick(last, eval_id, order, name, run_ids):
+        try:
+            result = eval_view.refresh(service, last, eval_view.ViewChoice(eval_id or None, order, name,
+                                                                          tuple(run_ids or ())))
+        except FRIENDLY_ERRORS as error:
+            return last, f"⚠️ {error}", gr.skip(), gr.skip(), gr.skip()
+
+        def sent(value):
+            return gr.skip() if value is eval_view.UNCHANGED else value
+
+        return result.version, sent(result.status), sent(result.scores), sent(result.examples), sent(result.curves)
+
+    launch.click(on_launch, [selected, include_base, prompts, dataset, limit, max_new_tokens, judge_mode, judge_url,
+                             judge_model, judge_key], [message, chosen])
+    cancel.click(on_cancel, [chosen], [message])
+    view_inputs = [version, chosen, sort, metric, selected]
+    view_outputs = [version, status, scores, examples, curves]
+    timer.tick(on_tick, view_inputs, view_outputs, show_progress="hidden")
+    for control in (chosen, sort, metric):
+        control.change(on_tick, view_inputs, view_outputs, show_progress="hidden")
+    dataset.focus(lambda: gr.Dropdown(choices=_dataset_choices(service)), None, dataset)
+    chosen.focus(lambda: gr.Dropdown(choices=eval_view.evaluation_choices(service.evaluations())), None, chosen)
 
 
 def chat_tab(service: StudioService) -> dict[str, Any]:

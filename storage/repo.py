@@ -907,6 +907,17 @@ class Store:
         with self._unit() as session:
             return [_record(EvaluationScoreRecord, score) for score in session.scalars(query)]
 
+    def run_scores(self, run_ids: Iterable[str], metric: str) -> list[EvaluationScoreRecord]:
+        """Every evaluation's score of these runs on `metric`, ordered by run and step (one indexed query)."""
+        run_ids = list(dict.fromkeys(_strings("run_ids", run_ids)))
+        if not run_ids:
+            return []
+        query = (select(EvaluationScore).where(EvaluationScore.run_id.in_(run_ids),
+                                               EvaluationScore.metric == _text("metric", metric))
+                 .order_by(EvaluationScore.run_id, EvaluationScore.step))
+        with self._unit() as session:
+            return [_record(EvaluationScoreRecord, score) for score in session.scalars(query)]
+
     def delete_evaluation(self, evaluation_id: str) -> None:
         """Delete an evaluation with its examples, answers and scores."""
         with self._unit(write=True) as session:

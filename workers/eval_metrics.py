@@ -98,6 +98,12 @@ METRICS = (*TEXT_METRICS, *MODEL_METRICS)
 LOWER_IS_BETTER = frozenset(MODEL_METRICS)
 
 
+def curve_name(metric: str) -> str:
+    """The metric point a generation eval during training stores (`eval_generate_steps`): "gen_exact_match", ...,
+    beside the loss curves (the memorisation probe's own exact_match and char_accuracy keep their names)."""
+    return f"gen_{metric}"
+
+
 def score_answer(answer: str, reference: str) -> dict[str, float]:
     """Every text metric of one answer."""
     return {name: metric(answer, reference) for name, metric in TEXT_METRICS.items()}

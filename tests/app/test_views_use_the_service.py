@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 VIEWS = ("ui.py", "chat_view.py", "train_view.py", "runs_view.py", "runs_dashboard.py", "system_view.py",
-         "export_view.py")
+         "export_view.py", "eval_view.py")
 
 
 def test_no_view_touches_the_store_directly():

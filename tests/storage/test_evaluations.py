@@ -100,3 +100,14 @@ def test_a_database_from_before_evaluations_migrates_and_keeps_its_runs(store_ur
     command.downgrade(alembic_config(store_url), "0001")
     with Store(store_url) as store:
         assert [r.name for r in store.list_runs()] == ["old"] and store.list_evaluations() == []
+
+
+def test_run_scores_are_every_evaluations_score_of_a_run_by_step(store, run, evaluation):
+    later = store.create_evaluation(name="eval 2", base_model="tiny-llama", rows=[{"label": "r", "run_id": run.id}],
+                                    source={})
+    store.put_evaluation_scores(later.id, [{"row": 0, "run_id": run.id, "step": 50, "metric": "rouge_l", "value": 0.7}])
+    store.put_evaluation_scores(evaluation.id, [{"row": 1, "run_id": run.id, "step": 20, "metric": "rouge_l",
+                                                 "value": 0.2}, {"row": 1, "run_id": run.id, "step": 20,
+                                                                  "metric": "token_f1", "value": 0.9}])
+    assert [(s.step, s.value) for s in store.run_scores([run.id], "rouge_l")] == [(20, 0.2), (50, 0.7)]
+    assert store.run_scores([], "rouge_l") == []
