@@ -1,5 +1,5 @@
 """The runs of one benchmark: each seed's pairs file, one TrainConfig per method and learning rate, submitted through
-`StudioService.submit` as one named group, and the group's progress as its runs finish."""
+`StudioService.launch` as one named group, and the group's progress as its runs finish."""
 from __future__ import annotations
 
 import time
@@ -38,19 +38,7 @@ def plan_runs(preset: Union[str, Preset], seed: int, ablation: bool = False,
     """Every run of one seed: a TrainConfig dict per method and learning rate, named, all on the seed's pairs with
     the same seed, batch, steps and checkpoints. The pairs file is `pairs_file(...)`; `write_pairs` writes it."""
     preset = get_preset(preset)
-    data = str(pairs_file(preset, seed, data_dir))
-    plans = []
-    for method in preset.methods(ablation):
-        for learning_rate in preset.learning_rates(method.base_learning_rate):
-            config = TrainConfig(
-                data=data, model=preset.model, adapter=method.adapter, r=method.r, variant=method.variant,
-                lora_alpha=method.lora_alpha, learning_rate=learning_rate, max_steps=preset.steps,
-                batch_size=preset.batch_size, max_length=preset.max_length, seed=seed, pack_text=False,
-                memorize_pairs_file=data, memorize_eval_steps=list(preset.checkpoints),
-                name=f"{method.label} · lr {learning_rate:g} · seed {seed}")
-            config.validate()
-            plans.append(config.to_dict())
-    return plans
+    return [config.to_dict() for config in preset.run_configs(str(pairs_file(preset, seed, data_dir)), seed, ablation)]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -102,11 +90,12 @@ def plans_for_seeds(preset: Preset, seeds: Union[int, Iterable[int]], ablation: 
 
 def submit_benchmark(service, preset: Union[str, Preset], seeds: Union[int, Iterable[int]] = 1,
                      ablation: bool = False, data_dir: Optional[Path] = None) -> str:
-    """Write the pairs and queue every run through `StudioService.submit` as one named group; return its name."""
+    """Write the pairs and queue every run through `StudioService.launch` as one named group; return its name. The
+    plans were checked as they were made (`Preset.run_configs`), so they are launched without a second check."""
     preset = get_preset(preset)
     group = group_name(preset, ablation)
     for plan in plans_for_seeds(preset, seeds, ablation, data_dir):
-        service.submit(plan, name=plan["name"], tags=TAGS, group_name=group)
+        service.launch(TrainConfig.from_dict(plan), name=plan["name"], tags=TAGS, group_name=group)
     return group
 
 

@@ -69,8 +69,8 @@ class RecordingService:
     def __init__(self):
         self.calls = []
 
-    def submit(self, config, name="", tags=(), group_name=None):
-        self.calls.append((config, name, tuple(tags), group_name))
+    def launch(self, config, name="", tags=(), group_name=None):
+        self.calls.append((config.to_dict(), name, tuple(tags), group_name))
 
 
 def test_submit_queues_every_run_of_every_seed_as_one_group(tmp_path):
