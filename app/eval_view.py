@@ -48,15 +48,15 @@ def launch(service: StudioService, run_ids: Sequence[str], include_base: bool, p
            dataset_id: Optional[int], limit: Any, max_new_tokens: Any, judge_mode: str = "off", judge_url: str = "",
            judge_model: str = "", judge_key: str = "") -> EvaluationRecord:
     """Start an evaluation from the view's controls (a cleared number box sends 0: it is refused, named)."""
-    data = service.dataset(int(dataset_id)).path if prompts == "file" and dataset_id is not None else None
+    dataset = service.dataset(int(dataset_id)) if prompts == "file" and dataset_id is not None else None
     judge = None
     if judge_mode and judge_mode != "off":
         judge = {"url": (judge_url or "").strip(), "model": (judge_model or "").strip(), "api_key": judge_key or "",
                  "mode": judge_mode}
-    return service.start_evaluation(list(run_ids or ()), include_base=bool(include_base), prompts=prompts, data=data,
-                                    limit=_whole("prompts", limit), max_new_tokens=_whole("max new tokens",
-                                                                                           max_new_tokens),
-                                    judge=judge)
+    return service.start_evaluation(list(run_ids or ()), include_base=bool(include_base), prompts=prompts,
+                                    data=dataset.path if dataset else None, limit=_whole("prompts", limit),
+                                    max_new_tokens=_whole("max new tokens", max_new_tokens), judge=judge,
+                                    data_label=dataset.name if dataset else "")
 
 
 def _whole(name: str, value: Any) -> int:

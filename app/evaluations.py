@@ -103,10 +103,12 @@ def stored_settings(request: EvalRequest) -> dict[str, Any]:
     return {"max_new_tokens": request.max_new_tokens, "judge": judge}
 
 
-def default_name(runs: Sequence[RunRecord], include_base: bool, source: EvalSource) -> str:
+def default_name(runs: Sequence[RunRecord], include_base: bool, source: EvalSource, data_label: str = "") -> str:
+    """"mora, lora + base on capitals.jsonl (all, 50)": `data_label` names the data (a dataset's name) where its
+    stored file name would not."""
     who = ", ".join(run.name for run in runs[:3]) + (f" +{len(runs) - 3}" if len(runs) > 3 else "")
     who = (who + " + base" if who else "base") if include_base else who
-    return f"{who} on {Path(source.data).name} ({source.split}, {source.limit})"[:200]
+    return f"{who} on {data_label or Path(source.data).name} ({source.split}, {source.limit})"[:200]
 
 
 __all__ = ["SOURCES", "BASE_LABEL", "MAX_EXAMPLES", "check_runs", "source_for", "build_request", "stored_settings",

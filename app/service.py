@@ -245,7 +245,8 @@ class StudioService:
 
     def start_evaluation(self, run_ids: Iterable[str], include_base: bool = False, prompts: str = "eval split",
                          data: Optional[str] = None, limit: int = 100, max_new_tokens: int = 64,
-                         judge: Optional[dict[str, Any]] = None, name: str = "", seed: int = 0) -> EvaluationRecord:
+                         judge: Optional[dict[str, Any]] = None, name: str = "", seed: int = 0,
+                         data_label: str = "") -> EvaluationRecord:
         """Check and record an evaluation of these runs (and the base model alone) on `prompts` (one of
         `app.evaluations.SOURCES`; `data` is the file for "file"), and queue it on the chat workers. Both happen or
         neither: an evaluation whose job cannot be sent is removed again."""
@@ -257,7 +258,7 @@ class StudioService:
             raise ServiceError(str(error)) from None
         check_labels(name=name)
         record = self.store.create_evaluation(
-            name=name.strip() or evaluations.default_name(runs, include_base, source),
+            name=name.strip() or evaluations.default_name(runs, include_base, source, data_label),
             base_model=request.base_model or "", rows=rows, source=source.__dict__,
             settings=evaluations.stored_settings(request))
         try:
