@@ -26,18 +26,35 @@ The package, one module per job:
 - `report` — the Markdown table, the Plotly figure and the result files.
 
 The web process imports this package: it must not import torch (a test checks). Only `local.run_local` trains, and
-it imports the training code when called.
+it imports the training code when called. Its names load on first use (PEP 562), so `app.bench.presets` alone needs
+neither the store nor plotly (the GPU check trains the presets' runs on a machine that has neither).
 """
-from app.bench.local import run_local
-from app.bench.plan import (MAX_SEED, MAX_SEEDS, TAGS, group_name, group_progress, pairs_file, parse_seeds, plan_runs,
-                            submit_benchmark, wait_for_group, write_pairs)
-from app.bench.presets import (ABLATION, PAPER_TABLE2, PRESETS, Method, Preset, get_preset, method_key, method_label,
-                               offered_presets, with_lr_factors)
-from app.bench.report import ResultFiles, default_output_dir, markdown_table, results_figure, write_results
-from app.bench.results import METRICS, Groups, group_title, results_table
+from __future__ import annotations
 
-__all__ = ["ABLATION", "Groups", "MAX_SEED", "MAX_SEEDS", "METRICS", "Method", "PAPER_TABLE2", "PRESETS", "Preset",
-           "ResultFiles", "TAGS", "default_output_dir", "get_preset", "group_name", "group_progress", "group_title",
-           "markdown_table", "method_key", "method_label", "offered_presets", "pairs_file", "parse_seeds",
-           "plan_runs", "results_figure", "results_table", "run_local", "submit_benchmark", "wait_for_group",
-           "with_lr_factors", "write_pairs", "write_results"]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "app.bench.local": ("run_local",),
+    "app.bench.plan": ("MAX_SEED", "MAX_SEEDS", "TAGS", "group_name", "group_progress", "pairs_file", "parse_seeds",
+                       "plan_runs", "submit_benchmark", "wait_for_group", "write_pairs"),
+    "app.bench.presets": ("ABLATION", "PAPER_TABLE2", "PRESETS", "Method", "Preset", "get_preset", "method_key",
+                          "method_label", "offered_presets", "with_lr_factors"),
+    "app.bench.report": ("ResultFiles", "default_output_dir", "markdown_table", "results_figure", "write_results"),
+    "app.bench.results": ("METRICS", "Groups", "group_title", "results_table"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(_HOME[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'app.bench' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

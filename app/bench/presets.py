@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from mora.variants import ablation_variants
+from workers.train_config import TrainConfig
 
 PAPER_WIDTH = 4096
 PAPER_BUDGETS = (8, 256)
@@ -68,6 +69,23 @@ class Preset:
 
     def learning_rates(self, base: float) -> tuple[float, ...]:
         return tuple(_round(base * PAPER_WIDTH / self.width * factor) for factor in self.lr_factors)
+
+    def run_configs(self, data: str, seed: int, ablation: bool = False) -> list[TrainConfig]:
+        """Every run of one seed on the pairs file `data`: a checked TrainConfig per method and learning rate, all
+        with the same seed, batch, steps and checkpoints (`app.bench.plan` queues them; the GPU check trains them
+        in place, without the store)."""
+        configs = []
+        for method in self.methods(ablation):
+            for learning_rate in self.learning_rates(method.base_learning_rate):
+                config = TrainConfig(
+                    data=data, model=self.model, adapter=method.adapter, r=method.r, variant=method.variant,
+                    lora_alpha=method.lora_alpha, learning_rate=learning_rate, max_steps=self.steps,
+                    batch_size=self.batch_size, max_length=self.max_length, seed=seed, pack_text=False,
+                    memorize_pairs_file=data, memorize_eval_steps=list(self.checkpoints),
+                    name=f"{method.label} · lr {learning_rate:g} · seed {seed}")
+                config.validate()
+                configs.append(config)
+        return configs
 
     def methods(self, ablation: bool = False) -> tuple[Method, ...]:
         small, large = self.budgets
