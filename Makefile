@@ -40,7 +40,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 test-gpu: $(STAMP)
-	$(PY) -m pytest -q -m gpu
+	$(PY) -m pytest -q -m gpu tests/gpu
 
 bench: $(STAMP)
 	$(PY) benchmarks/adapter_overhead.py

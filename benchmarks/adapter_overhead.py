@@ -4,11 +4,12 @@ Side by side in one run, interleaved, on LLaMA-7B layer shapes: MoRA rope r=8 ag
 against LoRA r=256, and a merged MoRA layer against the bare base layer. On a GPU: the real shapes, 8192 tokens,
 bfloat16. On a CPU: the shapes divided by --cpu-scale (default 4) and fewer tokens, float32.
 
-    python benchmarks/adapter_overhead.py [--device cuda] [--repeats 30]
+    python benchmarks/adapter_overhead.py [--device cuda] [--repeats 30] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--cpu-scale", type=int, default=4, help="divide the layer shapes by this on a CPU")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -88,6 +90,7 @@ def main() -> None:
     print(f"# adapter overhead: {machine}, {dtype}, {tokens} tokens, median of {repeats}, forward+backward (ms)")
     print(f"| shape (k→d) | pair | base | LoRA | MoRA | MoRA/LoRA | merged MoRA/base |")
     print("|---|---|---|---|---|---|---|")
+    rows = []
     for k, d in LLAMA_7B_SHAPES:
         k, d = k // scale, d // scale
         for variant, r in PAIRS:
@@ -96,6 +99,14 @@ def main() -> None:
             merged, base = t[f"mora {variant} r={r} merged"], t["base"]
             print(f"| {k}→{d} | {variant} r={r} vs LoRA r={r} | {base:.2f} | {lora:.2f} | {mora_:.2f} "
                   f"| {mora_ / lora:.3f} | {merged / base:.3f} |", flush=True)
+            rows.append({"in_features": k, "out_features": d, "variant": variant, "r": r, "base_ms": base,
+                         "lora_ms": lora, "mora_ms": mora_, "merged_mora_ms": merged, "mora_over_lora": mora_ / lora,
+                         "merged_over_base": merged / base})
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"benchmark": "adapter_overhead", "machine": machine, "dtype": str(dtype), "tokens": tokens,
+                       "repeats": repeats, "shape_scale": scale, "unit": "ms per forward+backward, median",
+                       "rows": rows}, handle, indent=2)
 
 
 if __name__ == "__main__":

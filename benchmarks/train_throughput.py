@@ -5,11 +5,12 @@ exactly --max-length tokens and no padding skews the count), same seed, same bat
 interleaved (A B C D A B C D), and the figure is the median tokens/s over the steps after warm-up, as the training
 engine itself reports them.
 
-    python benchmarks/train_throughput.py [--steps 6] [--rounds 2] [--batch-size 4] [--max-length 128]
+    python benchmarks/train_throughput.py [--steps 6] [--rounds 2] [--batch-size 4] [--max-length 128] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import tempfile
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     samples: dict[str, list[float]] = {label(*m): [] for m in METHODS}
@@ -72,9 +74,18 @@ def main() -> None:
           f"{args.max_length}, {args.rounds} rounds x {args.steps - args.warmup} measured steps, median tokens/s")
     print("| pair | LoRA tok/s | MoRA tok/s | MoRA / LoRA |")
     print("|---|---|---|---|")
+    rows = []
     for lora, mora_ in ((METHODS[0], METHODS[1]), (METHODS[2], METHODS[3])):
         a, b = median[label(*lora)], median[label(*mora_)]
         print(f"| {label(*mora_)} vs {label(*lora)} | {a:,.0f} | {b:,.0f} | {b / a:.3f} |")
+        rows.append({"mora": label(*mora_), "lora": label(*lora), "lora_tokens_per_s": a, "mora_tokens_per_s": b,
+                     "mora_over_lora": b / a})
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"benchmark": "train_throughput", "model": args.model or "default model", "device": device,
+                       "batch_size": args.batch_size, "max_length": args.max_length, "rounds": args.rounds,
+                       "measured_steps": args.steps - args.warmup, "unit": "tokens/s, median", "rows": rows,
+                       "samples": samples}, handle, indent=2)
 
 
 if __name__ == "__main__":
