@@ -57,16 +57,33 @@ def worker_gpus() -> list[str]:
     return [g for g in value.split(",") if g]
 
 
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in a job that torchrun started (RANK, WORLD_SIZE; it sets both), or (0, 1)
+    outside one."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise SettingError(f"RANK and WORLD_SIZE must be whole numbers (torchrun sets them), found "
+                           f"{os.environ.get('RANK')!r} and {os.environ.get('WORLD_SIZE')!r}") from None
+
+
 def chat_time_limit_s() -> float:
     """MORA_CHAT_TIME_LIMIT_S (default 300): the longest a chat worker generates for one request; the answer then
     ends with what was generated and a note that it was stopped."""
-    raw = os.environ.get("MORA_CHAT_TIME_LIMIT_S", "300")
+    return bounded_number("MORA_CHAT_TIME_LIMIT_S", 300, 1, 86_400, "seconds")
+
+
+def bounded_number(name: str, default: float | None, low: float, high: float, unit: str) -> float | None:
+    """The number in environment variable `name` (`default` when unset or blank), from `low` to `high` `unit`."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None if default is None else float(default)
     try:
         value = float(raw)
     except ValueError:
-        raise SettingError(f"MORA_CHAT_TIME_LIMIT_S must be a number of seconds, found {raw!r}") from None
-    if not 1 <= value <= 86_400:
-        raise SettingError(f"MORA_CHAT_TIME_LIMIT_S must be between 1 and 86400 seconds, found {raw}")
+        raise SettingError(f"{name} must be a number of {unit}, found {raw!r}") from None
+    if not low <= value <= high:
+        raise SettingError(f"{name} must be between {low:g} and {high:g} {unit}, found {raw}")
     return value
 
 
@@ -101,16 +118,7 @@ def train_memory_limit_gb() -> float | None:
     """MORA_TRAIN_MEMORY_LIMIT_GB (default: none): the most resident memory one training job may hold. A job past
     it is stopped and its run fails with what to lower, instead of the kernel's OOM killer choosing a process to kill
     on a shared machine; a CPU worker reports it as its memory, so the Train tab's estimate checks against it."""
-    raw = os.environ.get("MORA_TRAIN_MEMORY_LIMIT_GB", "").strip()
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingError(f"MORA_TRAIN_MEMORY_LIMIT_GB must be a number of GiB, found {raw!r}") from None
-    if not 0.5 <= value <= 65_536:
-        raise SettingError(f"MORA_TRAIN_MEMORY_LIMIT_GB must be between 0.5 and 65536 GiB, found {raw}")
-    return value
+    return bounded_number("MORA_TRAIN_MEMORY_LIMIT_GB", None, 0.5, 65_536, "GiB")
 
 
 def chat_max_adapters() -> int:
