@@ -19,6 +19,7 @@ import redis
 
 from storage.repo import TERMINAL_STATUSES, InvalidTransition, NotFound, Store
 from workers import bus
+from workers.eval_metrics import METRICS, curve_name
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,9 @@ last beat by `bus.HEARTBEAT_TTL_S` (15 s), so a dead worker's run is marked abou
 it died; a Redis restart, after which a live worker recreates its key within one beat (5 s), is never mistaken."""
 
 STEP_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mb")
-# eval_loss from the eval split; char_accuracy and exact_match from a memorisation probe (workers.memorize)
-EVAL_METRICS = ("eval_loss", "char_accuracy", "exact_match")
+# eval_loss from the eval split; char_accuracy and exact_match from a memorisation probe (workers.memorize); gen_*
+# from the generation eval during training (eval_generate_steps, workers.evaluation)
+EVAL_METRICS = ("eval_loss", "char_accuracy", "exact_match", *(curve_name(metric) for metric in METRICS))
 
 
 class Collector:

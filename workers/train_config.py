@@ -44,6 +44,7 @@ MAX_PATH_CHARS = 4096
 MAX_TARGET_MODULES = 64
 MAX_MODULE_NAME_CHARS = 200
 MAX_MEMORIZE_STEPS = 100
+MAX_GENERATE_EVALS = 100
 
 # Every numeric setting's bounds and why. A run outside them cannot be useful, or would exhaust the worker before
 # its first step; what depends on the model and the device (the memory a step needs) is estimated from the model's
@@ -66,6 +67,9 @@ BOUNDS: dict[str, Bound] = {
     "eval_fraction": Bound(0, 1, "a fraction of the data; 1 would leave nothing to train on", high_open=True),
     "eval_steps": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
     "save_steps": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
+    "eval_generate_steps": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
+    "eval_generate_samples": Bound(1, 1000, "each prompt is answered at every eval_generate_steps; an evaluation "
+                                            "holds at most 1000"),
     "keep_checkpoints": Bound(1, MAX_CHECKPOINTS, "the newest checkpoint is what a run resumes from"),
     "logging_steps": Bound(1, MAX_STEPS, "a step count, at most max_steps' bound"),
     "remora_steps": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
@@ -228,6 +232,8 @@ class TrainConfig:
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16"})
     name: str = field(default="", metadata={"help": "a name for the run"})
     pack_text: bool = field(default=True, metadata={"help": "raw text: pack documents into max_length blocks (off: one document per example, padded)"})
+    eval_generate_steps: int = field(default=0, metadata={"help": "every N steps, answer a fixed sample of the eval split (else of the training rows) by greedy generation and score it (exact match, character accuracy, token F1, ROUGE-L, answer loss): curves beside the loss (0: off)"})
+    eval_generate_samples: int = field(default=16, metadata={"help": "how many prompts eval_generate_steps answers each time (the same ones every time)"})
     memorize_pairs_file: Optional[str] = field(default=None, metadata={"help": "key:value pairs (text JSONL) whose recall is measured by greedy generation"})
     memorize_eval_steps: list[int] = field(default_factory=list, metadata={"help": "steps at which to measure recall of memorize_pairs_file (character accuracy, exact match)"})
 
@@ -274,6 +280,7 @@ class TrainConfig:
             elif canonical_variant(self.resolved().variant) not in variants.remora_variants():
                 problems.append("remora_steps: ReMoRA switches groupings, so it needs variant sharing (not rope)")
         problems += self._memorize_problems()
+        problems += self._generate_eval_problems()
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -323,6 +330,14 @@ class TrainConfig:
             elif self.max_steps > 0 and step > self.max_steps:
                 problems.append(f"memorize_eval_steps: step {step} lies after max_steps={self.max_steps}")
         return problems
+
+    def _generate_eval_problems(self) -> list[str]:
+        if self.eval_generate_steps and self.max_steps > 0 and self.max_steps / self.eval_generate_steps > \
+                MAX_GENERATE_EVALS:
+            return [f"eval_generate_steps: at most {MAX_GENERATE_EVALS} generation evals a run (each answers "
+                    f"eval_generate_samples prompts), so at least {math.ceil(self.max_steps / MAX_GENERATE_EVALS)} "
+                    f"for max_steps={self.max_steps}, got {self.eval_generate_steps}"]
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -180,6 +180,54 @@ class MemorizeCallback(TrainerCallback):
         self.publisher.emit("eval", step=state.global_step, epoch=state.epoch, pairs=len(self.pairs), **scores)
 
 
+class GenerationEvalCallback(TrainerCallback):
+    """Every `every` steps (and at the last), answer the same prompts greedily with the model being trained and emit
+    an `eval` event with their mean scores (`workers.evaluation`, the evaluation's own functions) under
+    `eval_metrics.curve_name` names, so they are drawn beside the loss."""
+
+    def __init__(self, examples, every: int, tokenizer, publisher: EventPublisher, adapter: Optional[str]) -> None:
+        from workers.evaluation import DEFAULT_BATCH_ROWS, MAX_NEW_TOKENS
+        from workers.memorize import VALUE_MARGIN_TOKENS
+
+        self.examples, self.every, self.tokenizer, self.publisher = examples, every, tokenizer, publisher
+        self.adapter = adapter
+        longest = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in examples)
+        self.max_new_tokens = min(MAX_NEW_TOKENS, longest + VALUE_MARGIN_TOKENS)
+        self.batch_rows = 256 if torch.cuda.is_available() else DEFAULT_BATCH_ROWS
+        self.done: set[int] = set()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._evaluate(model, state)
+
+    def _evaluate(self, model, state) -> None:
+        from workers.eval_metrics import curve_name
+        from workers.evaluation import answer_batches, summarize
+
+        if state.global_step in self.done or not state.is_world_process_zero:
+            return
+        self.done.add(state.global_step)
+        answers = [answer for batch in answer_batches(model, self.tokenizer, self.examples, [0], [self.adapter],
+                                                      self.max_new_tokens, self.batch_rows) for answer in batch]
+        means = summarize(answers)[0]
+        self.publisher.emit("eval", step=state.global_step, epoch=state.epoch, prompts=len(self.examples),
+                            **{curve_name(metric): value for metric, value in means.items()})
+
+
+def generation_eval_examples(config: TrainConfig):
+    """The fixed prompts of `eval_generate_steps`: a sample of the run's eval split (its eval file, or the rows
+    `eval_fraction` holds out), else of its training rows."""
+    from workers.evaluation import EvalSource, read_examples
+
+    if config.eval_data:
+        source = EvalSource(config.eval_data, "all", 0.0, config.seed, config.eval_generate_samples)
+    elif config.eval_fraction:
+        source = EvalSource(config.data, "eval", config.eval_fraction, config.seed, config.eval_generate_samples)
+    else:
+        source = EvalSource(config.data, "all", 0.0, config.seed, config.eval_generate_samples)
+    return read_examples(source)
+
+
 class StudioTrainer(Trainer):
     """A Trainer whose checkpoints hold the adapter alone (megabytes, not the whole base model)."""
 
@@ -368,6 +416,10 @@ def _train(config: TrainConfig, run_dir: Path, publisher: EventPublisher, should
     if config.memorize_eval_steps:
         callbacks.append(MemorizeCallback(read_pairs(config.memorize_pairs_file), config.memorize_eval_steps,
                                           tokenizer, publisher))
+    if config.eval_generate_steps:
+        callbacks.append(GenerationEvalCallback(generation_eval_examples(config), config.eval_generate_steps,
+                                                tokenizer, publisher, None if config.adapter == "full" else
+                                                ADAPTER_NAME))
     trainer = StudioTrainer(
         model=model,
         args=_training_arguments(config, run_dir, bool(data.eval), dtype),

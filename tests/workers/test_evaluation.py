@@ -128,3 +128,42 @@ def test_summary_means_and_perplexity_by_hand():
     assert summary[0]["exact_match"] == 0.5 and summary[0]["answer_loss"] == 2.0
     assert summary[0]["perplexity"] == pytest.approx(math.exp(2.0))  # geometric mean of e^1 and e^3
     assert summary[1]["answer_loss"] is None and summary[1]["perplexity"] is None
+
+
+def test_training_with_eval_generate_steps_draws_the_scores_beside_the_loss(env, tiny_model_dir, tmp_path):
+    from storage.repo import Store
+    from workers.collector import Collector
+    from workers.eval_metrics import curve_name
+    from workers.events import read_events
+    from workers.train_config import TrainConfig
+    from workers.training import run_training
+
+    config = TrainConfig(data=str(env["chat"]), model=str(tiny_model_dir), adapter="mora", r=8, max_steps=20,
+                         batch_size=4, max_length=64, learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant",
+                         eval_generate_steps=5, eval_generate_samples=4)
+    config.validate()
+    result = run_training(config, tmp_path / "run", run_id="gen1")
+    assert result.status == "succeeded", result.message
+    evals = [e for e in read_events(tmp_path / "run" / "metrics.jsonl") if e["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [5, 10, 15, 20] and all(e["prompts"] == 4 for e in evals)
+    for event in evals:
+        assert all(0 <= event[curve_name(m)] <= 1 for m in ("exact_match", "char_accuracy", "token_f1", "rouge_l"))
+    # the prompts are training rows: the model learns their answers, so their loss falls
+    assert evals[-1][curve_name("answer_loss")] < evals[0][curve_name("answer_loss")] - 0.3
+    store = Store(f"sqlite:///{tmp_path / 'studio.db'}")
+    run = store.create_run(config.to_dict(), name="gen", model="tiny", adapter="mora", r=8)
+    Collector(store, None).apply([{**e, "run_id": run.id} for e in read_events(tmp_path / "run" / "metrics.jsonl")])
+    series = store.metric_series([run.id], [curve_name("token_f1")])[run.id][curve_name("token_f1")]
+    assert [p.step for p in series] == [5, 10, 15, 20]
+    store.close()
+
+
+def test_eval_generate_settings_are_bounded(env):
+    from workers.train_config import ConfigError, TrainConfig
+
+    base = dict(data=str(env["chat"]), max_steps=10_000)
+    with pytest.raises(ConfigError, match="eval_generate_steps: at most 100 generation evals a run .* at least 100"):
+        TrainConfig(**base, eval_generate_steps=50).validate()
+    with pytest.raises(ConfigError, match="eval_generate_samples: must be at least 1 and at most 1000"):
+        TrainConfig(**base, eval_generate_steps=500, eval_generate_samples=0).validate()
+    TrainConfig(**base, eval_generate_steps=100).validate()
