@@ -115,6 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"mora-studio train: {error}", file=sys.stderr)
         return 2
     from workers.events import CallbackSink
+    from workers.settings import distributed_rank
     from workers.training import latest_checkpoint, run_training
 
     resume = args.resume
@@ -123,6 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if resume is None:
             print(f"mora-studio train: no checkpoint found in {args.resume}", file=sys.stderr)
             return 2
+    if config.devices > 1 and distributed_rank()[1] == 1:  # not yet under torchrun: start it, one rank a device
+        return _train_on_devices(config, Path(args.out), resume)
     stop_requested = {"flag": False}
 
     def on_interrupt(signum, frame):
@@ -142,6 +145,56 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     print(f"{result.status}: {result.steps} steps, final loss {result.final_loss}, run folder {result.run_dir}")
     return 0
+
+
+def _train_on_devices(config: TrainConfig, out: Path, resume: Optional[Path]) -> int:
+    """`train --devices N`: torchrun on this host, one process a device (workers.distributed). Ctrl-C asks rank 0 to
+    stop after its step and save, through a file every rank's stop check reads; a second Ctrl-C ends the job."""
+    import json
+
+    from workers import distributed
+
+    out.mkdir(parents=True, exist_ok=True)
+    stop_file, launch_file = out / ".stop-requested", out / "launch.json"
+    stop_file.unlink(missing_ok=True)
+    (out / distributed.RESULT).unlink(missing_ok=True)
+    launch_file.write_text(json.dumps({"config": config.to_dict(), "out": str(out), "resume": str(resume or ""),
+                                       "stop_file": str(stop_file)}))
+    process = distributed.start_job(distributed.launch_command(
+        config.devices, ["workers.distributed", "cli", str(launch_file)]))
+
+    def on_interrupt(signum, frame):
+        if stop_file.exists():
+            distributed.kill_job(process)
+            return
+        stop_file.touch()
+        print("\nstopping after this step and saving the adapter (Ctrl-C again to abort)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        code, _ = distributed.wait_for_job(process)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    status, problem = distributed.job_outcome(code, out, config.devices)
+    if status is None or status == "failed":
+        message = problem or json.loads((out / distributed.RESULT).read_text())["message"]
+        print(f"mora-studio train: {message}", file=sys.stderr)
+        return 1
+    result = json.loads((out / distributed.RESULT).read_text())
+    print(f"{status} on {config.devices} devices: {result['steps']} steps, final loss {result['final_loss']}, "
+          f"run folder {out}")
+    return 0
+
+
+def train_as_rank(config: dict[str, Any], out: str, resume: str, stop_file: str) -> int:
+    """One rank of `train --devices N` (started by torchrun through workers.distributed): rank 0 draws the progress
+    line; a rank's exit code is non-zero only for a failed run, so torchrun stops the other ranks then."""
+    from workers.events import CallbackSink
+    from workers.training import run_training
+
+    result = run_training(TrainConfig.from_dict(config), Path(out), sinks=[CallbackSink(_ProgressLine())],
+                          should_stop=Path(stop_file).exists, resume_from=Path(resume) if resume else None)
+    return 1 if result.status == "failed" else 0
 
 
 def resolve_chat_target(model: Optional[str], adapter: Optional[Path]) -> tuple[Optional[str], Optional[Path]]:

@@ -20,6 +20,9 @@ ADAPTERS = ("mora", "lora", "full")
 # Mirrors mora.functional's names: this module must import without torch, because the web app validates configs.
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "nf4", "int8")
+"""How the base weights are held: as they are, 4-bit NormalFloat (QLoRA's) or 8-bit, through bitsandbytes."""
+MAX_DEVICES = 64
 
 
 class ConfigError(ValueError):
@@ -74,6 +77,8 @@ BOUNDS: dict[str, Bound] = {
     "logging_steps": Bound(1, MAX_STEPS, "a step count, at most max_steps' bound"),
     "remora_steps": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
     "remora_warmup": Bound(0, MAX_STEPS, "a step count, at most max_steps' bound"),
+    "devices": Bound(1, MAX_DEVICES, f"one job on more than {MAX_DEVICES} devices is started with torchrun on each "
+                                     "host, not by one worker (README, several devices)"),
 }
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -236,6 +241,8 @@ class TrainConfig:
     eval_generate_samples: int = field(default=16, metadata={"help": "how many prompts eval_generate_steps answers each time (the same ones every time)"})
     memorize_pairs_file: Optional[str] = field(default=None, metadata={"help": "key:value pairs (text JSONL) whose recall is measured by greedy generation"})
     memorize_eval_steps: list[int] = field(default_factory=list, metadata={"help": "steps at which to measure recall of memorize_pairs_file (character accuracy, exact match)"})
+    devices: int = field(default=1, metadata={"help": "devices one run trains on together, data-parallel (DDP under torchrun): GPUs, or CPU processes on a CPU; batch_size is per device, so a step takes devices × batch_size × grad_accum examples"})
+    quantization: str = field(default="none", metadata={"help": "how the frozen base is held: none, nf4 (4-bit, QLoRA) or int8, through bitsandbytes on a CUDA GPU; adapters stay in float32"})
 
     def resolved(self) -> "TrainConfig":
         """A copy with every default filled in, as recorded in the run folder."""
@@ -268,6 +275,7 @@ class TrainConfig:
             problems.append(f"lr_scheduler: expected one of {', '.join(SCHEDULES)}, got {self.lr_scheduler!r}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        problems += self._quantization_problems()
         if self.max_steps == 0:
             problems.append("max_steps: must be positive or -1 (use epochs), got 0")
         if self.save_steps and self.save_steps < self.min_save_steps():
@@ -317,6 +325,22 @@ class TrainConfig:
             problems.append(f"memorize_eval_steps: at most {MAX_MEMORIZE_STEPS} steps (each one generates an "
                             f"answer for every pair), got {len(self.memorize_eval_steps)}")
         return problems
+
+    def _quantization_problems(self) -> list[str]:
+        if self.quantization not in QUANTIZATIONS:
+            return [f"quantization: expected one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"]
+        if self.quantization == "none":
+            return []
+        if self.adapter == "full":
+            return [f"quantization: {self.quantization} holds the base frozen in {self.quantization}, and full "
+                    "fine-tuning trains the base itself: use adapter mora or lora"]
+        if self.remora_steps:
+            return ["quantization: ReMoRA folds M into the base weights, which a quantised base cannot take: set "
+                    "remora_steps to 0 or quantization to none"]
+        if self.dtype == "float32":
+            return ["quantization: a quantised base computes in bfloat16 or float16; set dtype auto, bfloat16 or "
+                    "float16"]
+        return []
 
     def _memorize_problems(self) -> list[str]:
         problems = []

@@ -25,6 +25,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import mora
+from workers import distributed
 from workers.data import build_datasets, collate
 from workers.events import EventPublisher, EventSink, JsonlSink
 from workers.memorize import evaluate_pairs, read_pairs
@@ -119,7 +120,8 @@ class EventCallback(TrainerCallback):
         self.publisher.emit("checkpoint", step=state.global_step, path=str(path))
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.cancelled and self.should_stop():
+        # on several devices rank 0 decides and every rank hears it, so all stop after the same step
+        if distributed.rank0_decides(lambda: not self.cancelled and self.should_stop()):
             self.cancelled = True
             self.publisher.log(f"cancel requested: stopping after step {state.global_step} and saving")
             control.should_training_stop = True
@@ -336,6 +338,7 @@ def _training_arguments(config: TrainConfig, run_dir: Path, has_eval: bool, dtyp
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
         save_only_model=False,
+        ddp_find_unused_parameters=False,  # every parameter that trains is used in every step
     )
 
 
@@ -353,10 +356,18 @@ def run_training(
     service for the queue, `mora-studio train`, the bench's plans), once; it is not checked again here."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    publisher = EventPublisher(run_id or uuid.uuid4().hex[:12], [JsonlSink(run_dir / "metrics.jsonl"), *sinks])
+    rank, ranks = distributed.rank_and_world()
+    own = [JsonlSink(run_dir / "metrics.jsonl"), *sinks] if rank == 0 else [
+        JsonlSink(run_dir / distributed.RANK_EVENTS.format(rank=rank))]  # one voice: rank 0's (workers.distributed)
+    publisher = EventPublisher(run_id or uuid.uuid4().hex[:12], own)
     try:
         config = config.resolved()
-        config.save(run_dir / "config.json")
+        if ranks != config.devices:
+            raise ValueError(f"devices: the run asks for {config.devices} devices but was started as {ranks} "
+                             f"process{'es' if ranks > 1 else ''}; several devices are started by a worker, "
+                             f"`mora-studio train --devices N`, or torchrun (README, several devices)")
+        if rank == 0:
+            config.save(run_dir / "config.json")
         publisher.status("running", "loading model and data", worker=worker)
         return _train(config, run_dir, publisher, should_stop, resume_from)
     except Exception as error:  # the user sees a message; the traceback stays in the log line for developers
@@ -369,7 +380,8 @@ def record_failure(run_dir: Path, publisher: EventPublisher, message: str) -> Tr
     training process itself was killed and could not say so)."""
     publisher.status("failed", message)
     result = TrainResult("failed", str(run_dir), None, None, 0, None, message)
-    (Path(run_dir) / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    if distributed.is_main_process():
+        (Path(run_dir) / distributed.RESULT).write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
 
 
@@ -435,13 +447,16 @@ def _train(config: TrainConfig, run_dir: Path, publisher: EventPublisher, should
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if data.eval and not callback.cancelled:
         trainer.evaluate()
-    output_dir, kind = _save_result(model, tokenizer, config, run_dir, publisher, trainable)
     status = "cancelled" if callback.cancelled else "succeeded"
     message = f"stopped at step {trainer.state.global_step}" if callback.cancelled else "done"
+    if not trainer.is_world_process_zero():  # the result is rank 0's to write (workers.distributed)
+        publisher.status(status, message)
+        return TrainResult(status, str(run_dir), None, None, trainer.state.global_step, callback.last_loss, message)
+    output_dir, kind = _save_result(model, tokenizer, config, run_dir, publisher, trainable)
     publisher.status(status, message)
     result = TrainResult(status, str(run_dir), str(output_dir), kind, trainer.state.global_step, callback.last_loss,
                          message)
-    (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    (run_dir / distributed.RESULT).write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
 
 

@@ -27,5 +27,4 @@ def test_training_on_the_device_lowers_the_loss(tmp_path, tiny_model_dir, gpu_de
     assert len(losses) == 20 and all(map(torch.isfinite, torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
     if gpu_device.type == "cuda":
-        assert steps[-1]["peak_memory_mb"] > 0  # measured by torch.cuda: the run really was on the GPU
-        assert torch.cuda.is_available()
+        assert torch.cuda.max_memory_allocated() > 0  # the run (in this process) really allocated on the GPU
