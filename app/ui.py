@@ -128,6 +128,8 @@ def train_tab(service: StudioService) -> dict[str, Any]:
             with gr.Row():
                 form["eval_fraction"] = gr.Number(value=0.0, label="Eval fraction")
                 form["eval_steps"] = gr.Number(value=0, precision=0, label="Eval every N steps")
+                form["eval_generate_steps"] = gr.Number(value=0, precision=0,
+                                                        label="Answer and score prompts every N steps (0: off)")
                 form["save_steps"] = gr.Number(value=25, precision=0, label="Checkpoint every N steps")
                 form["logging_steps"] = gr.Number(value=1, precision=0, label="Log every N steps")
                 form["gradient_checkpointing"] = gr.Checkbox(False, label="Gradient checkpointing")
