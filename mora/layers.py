@@ -108,10 +108,11 @@ def is_adaptable(module: nn.Module) -> bool:
 
 
 def layer_features(module: nn.Module) -> tuple[int, int]:
-    """`(in_features, out_features)` of a linear layer, a transposed `Conv1D` or an AdaptedLinear around either."""
-    weight = module.weight
-    transposed = module.transposed if isinstance(module, AdaptedLinear) else is_transposed_linear(module)
-    return (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+    """`(in_features, out_features)` of a linear layer, a transposed `Conv1D` or an AdaptedLinear around either. A
+    linear layer says its own (a quantised one, such as bitsandbytes' Linear4bit, packs its weight in another shape)."""
+    if isinstance(module, (nn.Linear, AdaptedLinear)):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]  # Conv1D: `in × out`
 
 
 def build_adapter(in_features: int, out_features: int, config: AdapterConfig, device=None) -> nn.Module:
@@ -230,6 +231,9 @@ class AdaptedLinear(nn.Module):
     @torch.no_grad()
     def _add_to_weight(self, delta: torch.Tensor, sign: float) -> None:
         weight = self.base_layer.weight
+        if not weight.is_floating_point():
+            raise TypeError(f"cannot merge into the quantised base layer {type(self.base_layer).__name__} "
+                            f"({weight.dtype} weights): replace it by a dequantised nn.Linear first")
         delta = delta.detach().to(torch.float32)
         if self.transposed:
             delta = delta.T

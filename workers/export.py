@@ -77,13 +77,15 @@ class ExportRequest:
     remora: bool
     format: str
     gguf_type: str = "f16"
+    quantization: str = "none"
+    """The base the adapter trained on: none, or nf4/int8 (workers.quantization), which an export dequantises."""
 
     @classmethod
     def from_dict(cls, values: Any) -> "ExportRequest":
         if not isinstance(values, dict):
             raise ExportError(f"an export request is a mapping, got {type(values).__name__}")
         names = {f for f in cls.__dataclass_fields__}
-        missing = sorted(names - set(values) - {"gguf_type"})
+        missing = sorted(names - set(values) - {"gguf_type", "quantization"})
         if missing:
             raise ExportError(f"the export request lacks {', '.join(missing)}")
         request = cls(**{key: values[key] for key in names if key in values})
@@ -138,7 +140,7 @@ def request_for_run(run, format: str, gguf_type: str = "f16") -> ExportRequest:
     return ExportRequest(run_id=run.id, run_name=run.name, run_dir=run.run_dir or str(Path(run.output_dir).parent),
                          output_dir=run.output_dir, output_kind=kind, base_model=config.get("model") or run.model or None,
                          adapter=run.adapter, variant=run.variant, remora=bool(config.get("remora_steps")),
-                         format=format, gguf_type=gguf_type)
+                         format=format, gguf_type=gguf_type, quantization=config.get("quantization") or "none")
 
 
 def _base_folder(request: ExportRequest) -> Optional[Path]:
@@ -257,11 +259,32 @@ def _load(request: ExportRequest):
         if request.output_kind == "model":
             model, tokenizer = load_model(request.output_dir)
             return model.eval(), tokenizer, None
-        model, tokenizer = load_model(request.base_model)
+        if request.quantization == "none":
+            model, tokenizer = load_model(request.base_model)
+        else:
+            model, tokenizer = _dequantized_base(request)
         name = mora.load_adapter(model, request.output_dir, name=_EXPORT_NAME)
     except (ModelError, mora.AdapterFormatError) as error:
         raise ExportError(f"run {request.run_id}: {error}") from None
     return model.eval(), tokenizer, name
+
+
+def _dequantized_base(request: ExportRequest):
+    """The base as the run's quantised training held it, dequantised to plain bfloat16 layers: merged onto it, the
+    adapter gives exactly the function that trained (onto the original weights it would not)."""
+    import torch
+
+    from workers import quantization
+
+    problem = quantization.backend_problem()
+    if problem:
+        raise ExportError(f"run {request.run_id} trained on a {request.quantization} base, which an export "
+                          f"dequantises with bitsandbytes: {problem}; export it as format adapter, or from a GPU "
+                          f"worker")
+    model, tokenizer = load_model(request.base_model, dtype=torch.bfloat16, device="cuda:0",
+                                  quantization=request.quantization)
+    quantization.dequantize_model(model, torch.bfloat16)
+    return model, tokenizer
 
 
 def _logits(model, tokenizer):

@@ -13,10 +13,12 @@ if TYPE_CHECKING:
 
 
 def load_model(name_or_path: Union[str, os.PathLike, None] = None, dtype: Union[str, "torch.dtype", None] = None,
-               device: str = "cpu") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+               device: str = "cpu", quantization: str = "none") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load a model and its tokenizer from a local folder: safetensors only, no remote code, never the hub.
 
-    `dtype` None keeps the dtype on disk. The default model is converted first if it has not been yet."""
+    `dtype` None keeps the dtype on disk. The default model is converted first if it has not been yet.
+    `quantization` nf4 or int8: the linear layers held by bitsandbytes on `device` (a CUDA device), computing in
+    `dtype` (workers.quantization); refused with the reason where that cannot be."""
     info = resolve_model(name_or_path)
     if not info.prepared:
         ensure_default_model()
@@ -27,10 +29,16 @@ def load_model(name_or_path: Union[str, os.PathLike, None] = None, dtype: Union[
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ModelError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
         dtype = getattr(torch, dtype)
+    quantized = {}
+    if quantization != "none":
+        from workers import quantization as quant
+
+        quant.require_backend(quantization)
+        quantized = {"quantization_config": quant.bnb_config(quantization, dtype), "device_map": {"": device}}
     try:
         model = AutoModelForCausalLM.from_pretrained(info.path, dtype="auto" if dtype is None else dtype,
                                                      local_files_only=True, trust_remote_code=False,
-                                                     use_safetensors=True)
+                                                     use_safetensors=True, **quantized)
     except Exception as error:  # any failure here is a property of the folder the user chose
         raise ModelError(f"{info.path}: cannot load the model ({type(error).__name__}: {error})") from error
     try:
@@ -41,4 +49,4 @@ def load_model(name_or_path: Union[str, os.PathLike, None] = None, dtype: Union[
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device), tokenizer
+    return (model if quantized else model.to(device)), tokenizer  # a quantised model is placed as it loads

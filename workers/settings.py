@@ -67,6 +67,14 @@ def distributed_rank() -> tuple[int, int]:
                            f"{os.environ.get('RANK')!r} and {os.environ.get('WORLD_SIZE')!r}") from None
 
 
+def distributed_local_rank() -> int:
+    """LOCAL_RANK (torchrun sets it): this process's device index among its host's ranks; 0 outside torchrun."""
+    value = os.environ.get("LOCAL_RANK", "0")
+    if not value.isdigit():
+        raise SettingError(f"LOCAL_RANK must be a whole number (torchrun sets it), found {value!r}")
+    return int(value)
+
+
 def chat_time_limit_s() -> float:
     """MORA_CHAT_TIME_LIMIT_S (default 300): the longest a chat worker generates for one request; the answer then
     ends with what was generated and a note that it was stopped."""

@@ -31,6 +31,7 @@ from workers.events import EventPublisher, EventSink, JsonlSink
 from workers.memorize import evaluate_pairs, read_pairs
 from workers.model_loading import load_model
 from workers.models import resolve_model
+from workers.settings import distributed_local_rank
 from workers.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -404,8 +405,12 @@ def _train(config: TrainConfig, run_dir: Path, publisher: EventPublisher, should
     dtype = choose_dtype(config.dtype)
     model_info = resolve_model(config.model)
     load_dtype = torch.float32 if config.adapter == "full" else dtype
-    model, tokenizer = load_model(model_info.name if model_info.is_default else model_info.path, dtype=load_dtype)
-    publisher.log(f"model {model_info.name} ({model_info.parameters:,} parameters) loaded in {load_dtype}")
+    quantized = config.quantization != "none"
+    device = f"cuda:{distributed_local_rank()}" if quantized else "cpu"  # the Trainer moves an unquantised model
+    model, tokenizer = load_model(model_info.name if model_info.is_default else model_info.path, dtype=load_dtype,
+                                  device=device, quantization=config.quantization)
+    held = f"in {config.quantization}, computing in {load_dtype}" if quantized else f"in {load_dtype}"
+    publisher.log(f"model {model_info.name} ({model_info.parameters:,} parameters) loaded {held}")
     data = build_datasets(config.data, tokenizer, config.max_length, eval_path=config.eval_data,
                           eval_fraction=config.eval_fraction, seed=config.seed, pack_text=config.pack_text)
     publisher.emit("data", report=asdict(data.report), schema=data.info.schema, rows=data.info.rows,
@@ -419,6 +424,8 @@ def _train(config: TrainConfig, run_dir: Path, publisher: EventPublisher, should
     else:
         info = mora.add_adapter(model, ADAPTER_NAME, adapter_config(config))
         trainable = info.trainable_parameters
+        if quantized:  # transformers' own mark for "adapters are attached", without which its Trainer refuses a
+            model._hf_peft_config_loaded = True  # quantised model (the base is frozen; only the adapters train)
         budget = f" (LoRA at r={config.r}: {info.lora_equivalent_parameters:,})" if config.adapter == "mora" else ""
         publisher.log(f"{config.adapter} adapter on {len(info.layers)} layers: {trainable:,} trainable parameters{budget}")
     callback = EventCallback(publisher, should_stop)
