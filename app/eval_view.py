@@ -23,12 +23,12 @@ import plotly.graph_objects as go
 
 from app.charts import PALETTE
 from app.evaluations import MAX_EXAMPLES, SOURCES
+from app.runs_dashboard import UNCHANGED
 from app.service import StudioService
 from storage.records import (EvaluationAnswerRecord, EvaluationExampleRecord, EvaluationRecord, EvaluationScoreRecord,
                              VoteCounts)
 from workers.eval_metrics import LOWER_IS_BETTER, METRICS, curve_name
 
-UNCHANGED = object()
 PROMPT_SOURCES, MOST_PROMPTS = SOURCES, MAX_EXAMPLES  # the launch controls' choices
 SORTS = ("most disagreement", "worst mean score", "file order")
 TABLE_METRICS = (*METRICS, "judge_score", "judge_win_rate")
