@@ -13,7 +13,7 @@ the gradients. What a one-device run does once still happens once:
 
 A job ends as the worker sees it: torchrun exits 0 when every rank did, else 1 once it has stopped the rest. The run's
 status is what rank 0 recorded in result.json; a job that ended without one fails the run with the failing rank's
-own message, or with how the job ended. The worker starts torchrun in a process group of its own with a
+own message, or with how the job ended. The worker starts torchrun in a session of its own with a
 parent-death signal, and every rank arms one too, so a worker killed takes the whole job with it: worker → torchrun
 (SIGTERM when the worker dies) → ranks (SIGTERM when torchrun dies).
 
@@ -70,8 +70,8 @@ def launch_command(devices: int, entry: Sequence[str]) -> list[str]:
 
 def start_job(command: list[str], env: Optional[dict[str, str]] = None, log_file: Optional[Path] = None
               ) -> subprocess.Popen:
-    """torchrun in a process group (and session) of its own, so that the group is the job and can be ended as one
-    (and a terminal's Ctrl-C reaches only its caller), with the parent-death signal armed. Its output goes to
+    """torchrun in a session of its own (a terminal's Ctrl-C reaches only its caller, which decides), with the
+    parent-death signal armed. Its output goes to
     `log_file`, or where the caller's goes."""
     from workers.processes import _die_with_parent  # not at import: it brings Celery, which a rank never needs
 
@@ -85,28 +85,40 @@ def start_job(command: list[str], env: Optional[dict[str, str]] = None, log_file
             log.close()
 
 
+def job_processes(root: int) -> list[int]:
+    """`root` and every process below it: torchrun and its ranks (which torchrun starts in sessions of their own,
+    so the job is a tree, not one process group)."""
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                todo += [int(child) for child in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+    return found
+
+
 def kill_job(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL to torchrun and each of its ranks (a rank would die of its parent-death signal anyway)."""
+    for pid in reversed(job_processes(process.pid)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     process.wait()
 
 
-def group_rss_bytes(group: int) -> int:
-    """Resident memory of every process in process group `group` (torchrun and its ranks)."""
+def job_rss_bytes(root: int) -> int:
+    """Resident memory of the job: torchrun and its ranks together."""
     total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in job_processes(root):
         try:
-            stat = (entry / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != group:  # field 5, pgrp, after the command's name
-                continue
-            for line in (entry / "status").read_text().splitlines():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError):
             continue
     return total
 
@@ -120,7 +132,7 @@ def wait_for_job(process: subprocess.Popen, memory_limit_bytes: Optional[int] = 
             try:
                 return process.wait(check_every_s if memory_limit_bytes else None), 0
             except subprocess.TimeoutExpired:
-                held = group_rss_bytes(process.pid)
+                held = job_rss_bytes(process.pid)
                 if held > memory_limit_bytes:
                     kill_job(process)
                     return process.returncode, held

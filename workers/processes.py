@@ -33,16 +33,21 @@ class WorkerSpec:
     name: str
     queue: str
     gpu: Optional[str] = None
+    """The GPU indices the worker owns, comma-separated (`0,1,2,3`), or None on the CPU."""
+    slots: int = 1
+    """Jobs it runs at once: a training worker owning N GPUs runs up to N, lending them per job (DevicePool)."""
 
 
 def worker_specs(queues: Sequence[str], gpus: Sequence[str], cpu_workers: int = 1) -> list[WorkerSpec]:
-    """One training worker per GPU (or `cpu_workers` on the CPU), one chat worker (on the first GPU, if any), and
-    with the chat worker a utility worker on the CPU for the small calls (preview, budget), which thus never wait
-    behind a generation."""
+    """One training worker owning every GPU given (or `cpu_workers` on the CPU), one chat worker (on the first GPU,
+    if any), and with the chat worker a utility worker on the CPU for the small calls (preview, budget), which thus
+    never wait behind a generation. The training worker runs as many jobs at once as it has GPUs and lends each job
+    the devices its run asks for (`devices`), first come, first served (workers.queued.DevicePool): `--gpus 0,1,2,3`
+    runs four 1-GPU jobs side by side, or one 4-GPU job, or a 2-GPU job beside two 1-GPU jobs."""
     specs = []
     if TRAIN_QUEUE in queues:
-        specs += [WorkerSpec(f"train-gpu{g}", TRAIN_QUEUE, g) for g in gpus] or [
-            WorkerSpec(f"train-cpu{i}", TRAIN_QUEUE) for i in range(max(1, cpu_workers))]
+        owned = [WorkerSpec(f"train-gpu{'-'.join(gpus)}", TRAIN_QUEUE, ",".join(gpus), len(gpus))] if gpus else []
+        specs += owned or [WorkerSpec(f"train-cpu{i}", TRAIN_QUEUE) for i in range(max(1, cpu_workers))]
     if CHAT_QUEUE in queues:
         specs.append(WorkerSpec(f"chat-gpu{gpus[0]}" if gpus else "chat-cpu", CHAT_QUEUE, gpus[0] if gpus else None))
     if CHAT_QUEUE in queues or UTILITY_QUEUE in queues:
@@ -56,15 +61,17 @@ def worker_specs(queues: Sequence[str], gpus: Sequence[str], cpu_workers: int = 
 
 def celery_command(spec: WorkerSpec) -> list[str]:
     # The solo pool runs the job in the worker process itself: no fork after CUDA initialises, and killing the worker
-    # kills its job (a prefork child would live on, orphaned).
-    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--pool", "solo",
+    # kills its job (a prefork child would live on, orphaned). A worker of several GPUs takes threads, as many as it
+    # has GPUs, for the same reasons: each thread only waits on its job's own process (or torchrun).
+    pool = ["--pool", "threads", "--concurrency", str(spec.slots)] if spec.slots > 1 else ["--pool", "solo"]
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", *pool,
             "--queues", spec.queue, "--hostname", f"{spec.name}@%h", "--loglevel", "INFO",
             "--without-gossip", "--without-mingle"]
 
 
 def worker_env(spec: WorkerSpec, base: Optional[dict[str, str]] = None) -> dict[str, str]:
     env = dict(base if base is not None else os.environ)
-    if spec.gpu is not None:  # one GPU per training worker: it sees only its own device
+    if spec.gpu is not None:  # a worker sees only its own devices, and lends them to its jobs
         env["CUDA_VISIBLE_DEVICES"] = spec.gpu
         env["MORA_GPUS"] = spec.gpu
     return env

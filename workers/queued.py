@@ -98,7 +98,7 @@ def _run_job(publisher: EventPublisher, args: tuple, devices: int, gpus: list[st
     process = distributed.start_job(
         distributed.launch_command(devices, ["workers.distributed", "queued", str(launch_file)]), env=env,
         log_file=run_dir / "launcher.log")
-    publisher.log(f"training on {devices} devices (torchrun, process group {process.pid}) on {where}")
+    publisher.log(f"training on {devices} devices (torchrun, process {process.pid}) on {where}")
     code, held = distributed.wait_for_job(process, limit)
     if held:
         return None, _ended_message(JobExit(-9, True, held), limit_gb)
@@ -204,11 +204,18 @@ class WorkerPresence:
 
 
 def describe_device(trains: bool = False) -> dict[str, Any]:
-    """The device a worker computes on; a training worker's CPU memory is its jobs' limit where one is set."""
+    """The device a worker computes on (memory of one device), how many GPUs it owns, and for a training worker
+    why it cannot hold a quantised base (None: it can); a training worker's CPU memory is its jobs' limit where one
+    is set."""
+    from workers.quantization import backend_problem
+
+    # what the Train tab offers: devices up to `gpus` for one run, quantised bases where `quantization` is empty
+    extra = {"quantization_problem": backend_problem()} if trains else {}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return {"device": props.name, "memory_gb": round(props.total_memory / 2**30, 1), "kind": "cuda"}
+        return {"device": props.name, "memory_gb": round(props.total_memory / 2**30, 1), "kind": "cuda",
+                "gpus": torch.cuda.device_count(), **extra}
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     limit = train_memory_limit_gb() if trains else None
     return {"device": f"CPU ({os.cpu_count()} cores)", "memory_gb": round(min(memory, limit or memory), 1),
-            "kind": "cpu"}
+            "kind": "cpu", "gpus": 0, **extra}

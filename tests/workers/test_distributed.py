@@ -44,7 +44,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def _config(tmp_path, tiny_model_dir, **overrides) -> dict:
-    return tiny_run_config(tmp_path, model=str(tiny_model_dir), max_steps=STEPS, **overrides)
+    return tiny_run_config(tmp_path, model=str(tiny_model_dir), **{"max_steps": STEPS, **overrides})
 
 
 def test_two_gloo_processes_train_as_one_then_cancel_and_resume(tmp_path, tiny_model_dir, redis_url):
@@ -89,3 +89,68 @@ def test_a_run_asking_for_devices_outside_a_launcher_fails_with_the_reason(tmp_p
     result = run_training(TrainConfig.from_dict(_config(tmp_path, tiny_model_dir, devices=2)), tmp_path / "run")
     assert result.status == "failed"
     assert "asks for 2 devices but was started as 1 process" in result.message and "torchrun" in result.message
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow  # about 45 s on the 2-core machine: the job must be running before the worker is killed
+def test_a_killed_worker_takes_its_two_device_job_with_it(tmp_path, tiny_model_dir, redis_url):
+    """The worker (here a process running `run_queued_training`, as a Celery worker does) is killed with SIGKILL, as
+    the OOM killer would: torchrun gets SIGTERM from its parent-death signal and ends both ranks; nothing is left
+    training a run that the collector will mark lost."""
+    config = _config(tmp_path, tiny_model_dir, batch_size=2, devices=2, max_steps=100_000, save_steps=0)
+    run_dir = tmp_path / "run"
+    script = ("import json, sys; from workers.queued import run_queued_training; "
+              "run_queued_training(sys.argv[1], 'killed', json.loads(sys.argv[2]), sys.argv[3], None, 'worker-test')")
+    worker = subprocess.Popen([sys.executable, "-c", script, redis_url, json.dumps(config), str(run_dir)],
+                              cwd=Path(__file__).resolve().parents[2], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for(lambda: len(_losses(run_dir)) >= 2 or worker.poll() is not None, 180, "the job's second step")
+        started = [e["message"] for e in read_events(run_dir / "metrics.jsonl") if "(torchrun" in e.get("message", "")]
+        job = distributed.job_processes(int(started[0].split("(torchrun, process ")[1].split(")")[0]))
+        assert len(job) >= 3  # torchrun and its two ranks
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        wait_for(lambda: not any(_alive(pid) for pid in job), 60, "torchrun and both ranks to end")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
+def test_a_worker_of_four_gpus_lends_them_first_come_first_served():
+    """`--gpus 0,1,2,3` is one worker of four slots; a 4-GPU job waits for all four, and a 1-GPU job that came after
+    it waits behind it even while GPUs are free, so a large job is never starved by small ones."""
+    from workers.processes import celery_command, worker_specs
+    from workers.queued import DevicePool
+
+    (spec,) = [s for s in worker_specs(["train"], ["0", "1", "2", "3"])]
+    assert (spec.name, spec.gpu, spec.slots) == ("train-gpu0-1-2-3", "0,1,2,3", 4)
+    assert celery_command(spec)[celery_command(spec).index("--pool") + 1:][:3] == ["threads", "--concurrency", "4"]
+    assert "solo" in celery_command(worker_specs(["train"], ["0"])[0])
+
+    pool = DevicePool(["0", "1", "2", "3"])
+    first, second = pool.acquire(1), pool.acquire(1)
+    assert (first, second) == (["0"], ["1"])
+    granted: dict[str, list[str]] = {}
+    big = threading.Thread(target=lambda: granted.update(big=pool.acquire(4, poll_s=0.05)))
+    big.start()
+    wait_for(lambda: len(pool._waiting) == 1, 10, "the 4-GPU job to wait")
+    small = threading.Thread(target=lambda: granted.update(small=pool.acquire(1, poll_s=0.05)))
+    small.start()
+    wait_for(lambda: len(pool._waiting) == 2, 10, "the 1-GPU job to queue behind it")
+    assert granted == {}  # two GPUs are free, but the 1-GPU job came second
+    pool.release(first)
+    pool.release(second)
+    big.join(10)
+    assert granted == {"big": ["0", "1", "2", "3"]}
+    pool.release(granted["big"])
+    small.join(10)
+    assert granted["small"] == ["0"]
+    cancelled = DevicePool(["0"])
+    cancelled.acquire(1)
+    assert cancelled.acquire(1, give_up=lambda: True) is None  # a run cancelled while it waited never starts
