@@ -63,6 +63,25 @@ class MemoryEstimate:
                 ("process and margin", self.total - self.weights - self.optimizer - peak)]
 
 
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+"""A 4-bit NF4 weight: half a byte, plus its block's absmax (one per 64 weights, itself 8-bit with double quantisation)
+and the second level's float32 constant per 256 blocks."""
+INT8_BYTES = 1.0  # plus one float32 scale a row: under a hundredth of a byte a weight at the widths here
+
+
+def _base_bytes(shapes: ModelShapes, config: TrainConfig, device_kind: str) -> int:
+    """The frozen base: quantisation holds the blocks' linear layers in 4 or 8 bits, the rest (embeddings, norms, an
+    untied head) in the compute dtype; otherwise every weight in the dtype it is loaded in."""
+    if config.adapter == "full":
+        return 0
+    weight_bytes = _weight_bytes(config, device_kind)
+    if config.quantization == "none":
+        return shapes.parameters * weight_bytes
+    linears = sum(k * d for _, k, d in shapes.linear_layers())
+    held = NF4_BYTES if config.quantization == "nf4" else INT8_BYTES
+    return int(linears * held) + (shapes.parameters - linears) * weight_bytes
+
+
 def _weight_bytes(config: TrainConfig, device_kind: str) -> int:
     if config.adapter == "full" or config.dtype == "float32":
         return 4
@@ -112,20 +131,24 @@ def _block_values_per_token(shapes: ModelShapes, config: TrainConfig) -> int:
 
 
 def estimate(shapes: ModelShapes, config: TrainConfig, device_kind: str = "cpu") -> MemoryEstimate:
-    """The peak memory of one training step of `config` (resolved) on a `device_kind` ("cpu" or "cuda") device."""
+    """The peak memory of one training step of `config` (resolved) on a `device_kind` ("cpu" or "cuda") device; with
+    several devices, on each of them."""
     tokens = config.batch_size * config.max_length
     weight_bytes, act_bytes = _weight_bytes(config, device_kind), _activation_bytes(config, device_kind)
     trainable = trainable_parameters(shapes, config)
     trainable_bytes = 4  # adapters and a full fine-tune's master weights are float32
-    base = shapes.parameters * weight_bytes if config.adapter != "full" else 0
+    base = _base_bytes(shapes, config, device_kind)
     block = _block_values_per_token(shapes, config) * tokens * act_bytes
     if config.gradient_checkpointing:
         activations = shapes.num_layers * shapes.hidden_size * tokens * act_bytes + block
     else:
         activations = shapes.num_layers * block
     logits = tokens * shapes.vocab_size * (act_bytes + LOGIT_COPIES * 4)
+    # several devices (DDP): each holds the whole model and its own batch_size × max_length, as one device does, and
+    # its reducer's buckets: one more copy of the trainable gradients, all-reduced while the backward runs
+    buckets = trainable * trainable_bytes if config.devices > 1 else 0
     return MemoryEstimate(
-        weights=base + trainable * trainable_bytes,
+        weights=base + trainable * trainable_bytes + buckets,
         trainable=trainable * trainable_bytes, optimizer=2 * trainable * trainable_bytes, activations=activations,
         logits=logits, process=CUDA_CONTEXT_BYTES if device_kind == "cuda" else CPU_PROCESS_BYTES, tokens=tokens,
         gradient_checkpointing=config.gradient_checkpointing)
@@ -138,10 +161,20 @@ def fit_report(shapes: ModelShapes, config: TrainConfig, workers: list[dict[str,
     trainers = [w for w in workers if "train" in w.get("queues", []) and w.get("memory_gb")]
     kinds = sorted({w.get("kind", "cpu") for w in trainers}) or ["cpu"]
     estimates = {kind: estimate(shapes, config, kind) for kind in kinds}
-    fits = [w for w in trainers if estimates[w.get("kind", "cpu")].total <= w["memory_gb"] * GIB * FITS_FRACTION]
+    fits = [w for w in trainers if estimates[w.get("kind", "cpu")].total <= w["memory_gb"] * GIB * FITS_FRACTION
+            and can_take(w, config)]
     other = None if config.gradient_checkpointing else estimate(
         shapes, _with(config, gradient_checkpointing=True), kinds[-1]).total
     return {"estimates": estimates, "workers": trainers, "fits": fits, "with_checkpointing": other}
+
+
+def can_take(worker: dict[str, Any], config: TrainConfig) -> bool:
+    """Whether a training worker has the devices the run asks for (a CPU worker: one) and, for a quantised base,
+    the backend (it announces why not, or nothing when it can)."""
+    devices = max(1, worker.get("gpus") or 0)
+    quantized_ok = config.quantization == "none" or (
+        worker.get("kind") == "cuda" and "quantization_problem" in worker and not worker["quantization_problem"])
+    return config.devices <= devices and quantized_ok
 
 
 def _with(config: TrainConfig, **changes: Any) -> TrainConfig:
@@ -153,7 +186,15 @@ def refusal_message(config: TrainConfig, report: dict[str, Any]) -> Optional[str
     what to lower; None if it fits one (or none is connected: the run waits for one)."""
     if not report["workers"] or report["fits"]:
         return None
-    largest = max(report["workers"], key=lambda w: w["memory_gb"])
+    able = [w for w in report["workers"] if can_take(w, config)]
+    if not able:
+        wants = [f"{config.devices} devices"] if config.devices > 1 else []
+        wants += [f"a {config.quantization} base (bitsandbytes on a CUDA GPU)"] if config.quantization != "none" else []
+        has = "; ".join(f"{w['name']}: {max(1, w.get('gpus') or 0)} device(s)"
+                        + (f", {w['quantization_problem']}" if w.get("quantization_problem") else "")
+                        for w in report["workers"])
+        return f"this run asks for {' and '.join(wants)}, which no connected training worker has ({has})"
+    largest = max(able, key=lambda w: w["memory_gb"])
     need = report["estimates"][largest.get("kind", "cpu")].total
     advice = "lower batch_size or max_length"
     if report["with_checkpointing"]:

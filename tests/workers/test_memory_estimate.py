@@ -120,3 +120,37 @@ def test_the_estimate_is_within_its_margin_of_a_real_step_of_the_default_model(t
 
     for row in json.loads(out.read_text()):
         assert me.FITS_FRACTION <= row["ratio"] <= 1.6, row
+
+
+def test_a_quantised_base_holds_its_linears_in_half_a_byte_or_one_and_the_rest_as_before():
+    linears = sum(k * d for _, k, d in SHAPES.linear_layers())
+    rest = SHAPES.parameters - linears
+    plain = me.estimate(SHAPES, _config(adapter="lora", dtype="bfloat16"), "cuda")
+    nf4 = me.estimate(SHAPES, _config(adapter="lora", dtype="bfloat16", quantization="nf4"), "cuda")
+    int8 = me.estimate(SHAPES, _config(adapter="lora", dtype="bfloat16", quantization="int8"), "cuda")
+    adapters = me.trainable_parameters(SHAPES, _config(adapter="lora")) * 4
+    assert plain.weights == SHAPES.parameters * 2 + adapters
+    assert nf4.weights == int(linears * (0.5 + 1 / 64 + 4 / 16384)) + rest * 2 + adapters
+    assert int8.weights == linears + rest * 2 + adapters
+    assert (nf4.activations, nf4.logits, nf4.optimizer) == (plain.activations, plain.logits, plain.optimizer)
+
+
+def test_several_devices_each_hold_the_model_their_own_batch_and_the_gradient_buckets():
+    one = me.estimate(SHAPES, _config(adapter="mora"), "cuda")
+    two = me.estimate(SHAPES, _config(adapter="mora", devices=2), "cuda")
+    assert two.weights == one.weights + one.trainable  # DDP's buckets: one more copy of the trainable gradients
+    assert (two.activations, two.logits, two.tokens) == (one.activations, one.logits, one.tokens)  # batch per device
+
+
+def test_a_run_is_refused_when_no_worker_has_its_devices_or_its_quantised_base():
+    cpu = {"name": "train-cpu0@a", "queues": ["train"], "memory_gb": 64.0, "kind": "cpu", "gpus": 0,
+           "quantization_problem": "no CUDA GPU here"}
+    gpus = {"name": "train-gpu0-1@b", "queues": ["train"], "memory_gb": 80.0, "kind": "cuda", "gpus": 2,
+            "quantization_problem": None}
+    four = _config(adapter="mora", devices=4)
+    message = me.refusal_message(four, me.fit_report(SHAPES, four, [cpu, gpus]))
+    assert message == ("this run asks for 4 devices, which no connected training worker has (train-cpu0@a: 1 "
+                       "device(s), no CUDA GPU here; train-gpu0-1@b: 2 device(s))")
+    two = _config(adapter="mora", devices=2, dtype="bfloat16", quantization="nf4")
+    assert [w["name"] for w in me.fit_report(SHAPES, two, [cpu, gpus])["fits"]] == ["train-gpu0-1@b"]
+    assert "a nf4 base (bitsandbytes on a CUDA GPU)" in me.refusal_message(two, me.fit_report(SHAPES, two, [cpu]))
