@@ -44,6 +44,7 @@ DEFAULT_MAX_NEW_TOKENS = 64
 MAX_REFERENCE_CHARS = 32_000
 DEFAULT_BATCH_ROWS = 32
 """Generated rows per batched `generate` on a CPU (examples × rows); a GPU takes 256."""
+EXAMPLES_PER_EVENT = 50
 LOSS_ROWS = 8
 """Rows per teacher-forced forward pass: its logits are rows × answer length × vocabulary."""
 
@@ -422,7 +423,8 @@ def run_queued_evaluation(url: str, eval_id: str, request: Any, worker: str = ""
 
         def examples_out(examples: list[EvalExample]) -> None:
             events.status("running", f"answering {len(examples)} prompts", examples_total=len(examples))
-            events.emit("eval_examples", examples=[asdict(example) for example in examples])
+            for start in range(0, len(examples), EXAMPLES_PER_EVENT):  # stream entries stay small
+                events.emit("eval_examples", examples=[asdict(e) for e in examples[start:start + EXAMPLES_PER_EVENT]])
 
         def answers_out(answers: list[Answer], done: int) -> None:
             events.emit("eval_answers", answers=[asdict(answer) for answer in answers], examples_done=done)
