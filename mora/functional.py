@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mora import variants
-from mora.fused import sharing_add
+from mora.fused import decouple_add, rope_add, rotated_blocks, sharing_add, used_chunks
 from mora.variants import (VariantName as Variant, default_variant, lora_parameter_count, mora_parameter_count,
                            normalize_variant, r_hat, reference_type)
 
@@ -36,14 +36,6 @@ def _group_index(length: int, groups: int, device: torch.device) -> torch.Tensor
     sizes = torch.full((groups,), q, dtype=torch.long)
     sizes[:s] += 1
     return torch.repeat_interleave(torch.arange(groups), sizes).to(device)
-
-
-@functools.lru_cache(maxsize=512)
-def _rotation_tables(side: int, chunks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of `φ_{i,j} = i·θ_j`, `θ_j = 10000^(-2j/r̂)`, in float32, shape `[chunks, r̂/2]`."""
-    theta = 1.0 / (10000.0 ** (torch.arange(0, side, 2, dtype=torch.float32) / side))
-    angles = torch.outer(torch.arange(chunks, dtype=torch.float32), theta)
-    return angles.cos().to(device), angles.sin().to(device)
 
 
 def _wrap_pad(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -85,31 +77,6 @@ def _repeat_interleave(z: torch.Tensor, length: int) -> torch.Tensor:
     return z.index_select(-1, _group_index(length, z.shape[-1], z.device))
 
 
-def _rotated_blocks(M: torch.Tensor, chunks: int, rotate: bool) -> torch.Tensor:
-    """`A_i = M R_i` for each used chunk, shape `[chunks, r̂, r̂]`, computed from float32 tables.
-
-    Folding the rotation into M (n small products per step) replaces rotating every token's activations.
-    """
-    side = M.shape[0]
-    if not rotate:
-        return M.unsqueeze(0).expand(chunks, side, side)
-    half = side // 2
-    # At least float32 (the tables' precision), float64 when M is: a bf16 M must not round the angles.
-    wide = M.to(torch.promote_types(M.dtype, torch.float32))
-    cos, sin = (table.to(wide.dtype).unsqueeze(1) for table in _rotation_tables(side, chunks, M.device))
-    first, second = wide[:, :half].unsqueeze(0), wide[:, half:].unsqueeze(0)
-    blocks = torch.cat([first * cos + second * sin, second * cos - first * sin], dim=-1)
-    return blocks.to(M.dtype)
-
-
-def _used_chunks(in_features: int, out_features: int, side: int) -> tuple[int, int]:
-    """(n, chunks whose outputs survive the cut to `d`): chunks entirely past `d` are never computed."""
-    chunks = -(-in_features // side)
-    if chunks * side <= out_features:
-        return chunks, chunks
-    return chunks, -(-out_features // side)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Forward of each variant: x [..., k] -> adapter branch [..., d]. M is cast to x's dtype by the caller.
 
@@ -144,11 +111,11 @@ def _forward_chunked(rotate: bool) -> Callable:
     def forward(x: torch.Tensor, M: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
         """Eq. 9 (rope) or Eq. 8 (decouple): one M per chunk, rotated by the chunk's angle, then cut or tiled."""
         side = M.shape[0]
-        chunks, used = _used_chunks(in_features, out_features, side)
+        chunks, used = used_chunks(in_features, out_features, side)
         lead = x.shape[:-1]
         pieces = _wrap_pad(x, used * side).reshape(*lead, used, side)
         if rotate and used > 1:
-            z = torch.einsum("...ni,noi->...no", pieces, _rotated_blocks(M, used, rotate=True))
+            z = torch.einsum("...ni,noi->...no", pieces, rotated_blocks(M, used, rotate=True))
         else:
             z = F.linear(pieces, M)
         u = z.reshape(*lead, used * side)
@@ -230,8 +197,8 @@ def _delta_chunked(rotate: bool) -> Callable:
     def delta(M: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
         """`T · blockdiag(M R_0, …) · P`: scatter each block onto its diagonal, fold the padding, tile the rows."""
         side = M.shape[0]
-        chunks, used = _used_chunks(in_features, out_features, side)
-        blocks = _rotated_blocks(M, used, rotate)
+        chunks, used = used_chunks(in_features, out_features, side)
+        blocks = rotated_blocks(M, used, rotate)
         offsets = torch.arange(used, device=M.device).view(used, 1, 1) * side
         local = torch.arange(side, device=M.device)
         rows = (offsets + local.view(1, side, 1)).expand(used, side, side)
@@ -268,6 +235,7 @@ for _name, _contiguous_in, _tiled_out in (("sharing", False, True), ("type2", Tr
 variants.attach("sharing", fused_add=sharing_add)
 variants.attach("truncation", forward=_forward_truncation, delta=_delta_truncation, compress=_truncate_in,
                 decompress=_zeros_out)
-variants.attach("rope", forward=_forward_chunked(rotate=True), delta=_delta_chunked(rotate=True))
-variants.attach("decouple", forward=_forward_chunked(rotate=False), delta=_delta_chunked(rotate=False))
+variants.attach("rope", forward=_forward_chunked(rotate=True), delta=_delta_chunked(rotate=True), fused_add=rope_add)
+variants.attach("decouple", forward=_forward_chunked(rotate=False), delta=_delta_chunked(rotate=False),
+                fused_add=decouple_add)
 del _name, _contiguous_in, _tiled_out

@@ -1,15 +1,26 @@
-"""A fused path for the sharing variant, the one used at large rank: `base_out + tile(M · compress(x))`.
+"""Fused paths for the variants that training uses by default: sharing at large rank, rope (and decouple) at small.
 
-Sharing spends LoRA's FLOPs in one square product, but the plain autograd graph of `mora.functional` also
-materialises the padded input, the tiled output and the zero-filled gradients of every slice; at r=256 that memory
-traffic cost about 10% over LoRA on the CPU. This function does the same arithmetic with chunk views and in-place
-adds, and writes its own backward. `tests/mora/test_fused.py` checks it against `mora.functional`.
+Each is a `torch.autograd.Function` that adds the adapter branch into the base layer's output in place and writes
+its own backward, doing the arithmetic of `mora.functional` without the copies its plain autograd graph makes.
+`tests/mora/test_fused.py` checks both against `mora.functional` and with gradcheck.
 
-Two helpers carry all of it: tiling (`y[o] = z[o mod p]`) and its transpose, folding (`y[i] = Σ_{j ≡ i mod p} g[j]`).
-Compression is a fold (plus the wrapped tail) when `k ≥ r̂` and a tiling when `k < r̂`; decompression is a tiling;
-each backward is the other one.
+Sharing spends LoRA's FLOPs in one square product, but the plain graph also materialises the padded input, the tiled
+output and the zero-filled gradients of every slice; at r=256 that memory traffic cost about 10% over LoRA on the
+CPU. Two helpers carry all of it: tiling (`y[o] = z[o mod p]`) and its transpose, folding
+(`y[i] = Σ_{j ≡ i mod p} g[j]`). Compression is a fold (plus the wrapped tail) when `k ≥ r̂` and a tiling when
+`k < r̂`; decompression is a tiling; each backward is the other one.
+
+Rope cuts the input into chunks of r̂ and gives chunk i its own block `A_i = M R_i` (decouple: `A_i = M`). The
+blocks are built once per step from float32 tables (`rotated_blocks`) and kept for the backward, whose gradient of M
+is the transpose of that map (`rotated_blocks_transposed`). The chunks are strided views of x when they fit in it
+(no padded copy), each chunk's product is written straight into its columns of the base output by one batched
+multiply-add (`baddbmm_`), the chunk cut by `d` multiplies only the rows that survive, and the backward writes the
+input gradient into its columns the same way. Only a tiled output (`d > n·r̂`) or a wrapped input (`n·r̂ > k`)
+makes one copy of the product or the input.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -35,7 +46,15 @@ def _tile_into(out: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def _tile(values: torch.Tensor, length: int) -> torch.Tensor:
-    return _tile_into(values.new_zeros(values.shape[0], length), values)
+    """`[N, p] -> [N, length]` with `y[:, o] = values[:, o mod p]`, written once (no zero fill)."""
+    period = values.shape[1]
+    q, s = divmod(length, period)
+    out = values.new_empty(values.shape[0], length)
+    if q:
+        out[:, : q * period].view(-1, q, period).copy_(values.unsqueeze(1))
+    if s:
+        out[:, q * period:].copy_(values[:, :s])
+    return out
 
 
 def _compress(x: torch.Tensor, side: int) -> torch.Tensor:
@@ -87,3 +106,164 @@ class _SharingAdd(torch.autograd.Function):
 def sharing_add(base_out: torch.Tensor, x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """`base_out + mora_forward(x, M, k, d, "sharing")`, adding in place into `base_out` (a fresh layer output)."""
     return _SharingAdd.apply(base_out, x, M.to(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The chunked variants: rope (Eq. 9) and decouple (Eq. 8).
+
+
+@functools.lru_cache(maxsize=512)
+def rotation_tables(side: int, chunks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of `φ_{i,j} = i·θ_j`, `θ_j = 10000^(-2j/r̂)`, in float32, shape `[chunks, r̂/2]`."""
+    theta = 1.0 / (10000.0 ** (torch.arange(0, side, 2, dtype=torch.float32) / side))
+    angles = torch.outer(torch.arange(chunks, dtype=torch.float32), theta)
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def _wide_tables(side: int, chunks: int, dtype: torch.dtype, device: torch.device):
+    """The tables as `[chunks, 1, r̂/2]` in `dtype` (at least float32: a bf16 M must not round the angles)."""
+    return tuple(table.to(dtype).unsqueeze(1) for table in rotation_tables(side, chunks, device))
+
+
+def rotated_blocks(M: torch.Tensor, chunks: int, rotate: bool) -> torch.Tensor:
+    """`A_i = M R_i` for each used chunk, shape `[chunks, r̂, r̂]`, computed from float32 tables.
+
+    Folding the rotation into M (n small products per step) replaces rotating every token's activations.
+    """
+    side = M.shape[0]
+    if not rotate:
+        return M.unsqueeze(0).expand(chunks, side, side)
+    half = side // 2
+    wide = M.to(torch.promote_types(M.dtype, torch.float32))
+    cos, sin = _wide_tables(side, chunks, wide.dtype, M.device)
+    first, second = wide[:, :half].unsqueeze(0), wide[:, half:].unsqueeze(0)
+    blocks = torch.cat([first * cos + second * sin, second * cos - first * sin], dim=-1)
+    return blocks.to(M.dtype)
+
+
+def rotated_blocks_transposed(grad_blocks: torch.Tensor, rotate: bool) -> torch.Tensor:
+    """The gradient of M from the gradients of its blocks: the transpose of the linear map `rotated_blocks`."""
+    if not rotate:
+        return grad_blocks.sum(0)
+    chunks, side = grad_blocks.shape[0], grad_blocks.shape[-1]
+    half = side // 2
+    wide = grad_blocks.to(torch.promote_types(grad_blocks.dtype, torch.float32))
+    cos, sin = _wide_tables(side, chunks, wide.dtype, grad_blocks.device)
+    first, second = wide[..., :half], wide[..., half:]
+    grad_first = (first * cos - second * sin).sum(0)
+    grad_second = (first * sin + second * cos).sum(0)
+    return torch.cat([grad_first, grad_second], dim=-1).to(grad_blocks.dtype)
+
+
+def used_chunks(in_features: int, out_features: int, side: int) -> tuple[int, int]:
+    """(n, chunks whose outputs survive the cut to `d`): chunks entirely past `d` are never computed."""
+    chunks = -(-in_features // side)
+    if chunks * side <= out_features:
+        return chunks, chunks
+    return chunks, -(-out_features // side)
+
+
+def _chunks_of(rows: torch.Tensor, used: int, side: int) -> torch.Tensor:
+    """`[N, ≥ used·r̂] -> [used, N, r̂]`: the first `used` chunks of each row, a strided view (no copy)."""
+    return rows[:, : used * side].view(rows.shape[0], used, side).transpose(0, 1)
+
+
+def _pieces(x: torch.Tensor, length: int, side: int) -> torch.Tensor:
+    """The wrap-padded input `x̃` cut into chunks, `[used, N, r̂]`: a view of x when the chunks fit in it."""
+    return _chunks_of(x if length <= x.shape[1] else _tile(x, length), length // side, side)
+
+
+def _chunked_product_into(target: torch.Tensor, pieces: torch.Tensor, blocks: torch.Tensor, beta: float) -> None:
+    """`target[:, c·r̂ + o] = beta·target + Σ_i pieces[c, :, i]·blocks[c, o, i]` for the columns target has: whole
+    chunks by one batched multiply-add into their column views, the last chunk, cut by target's width, by the rows
+    of its block that survive."""
+    side = blocks.shape[-1]
+    full, rem = divmod(target.shape[1], side)
+    if full:
+        _chunks_of(target, full, side).baddbmm_(pieces[:full], blocks[:full].transpose(1, 2), beta=beta)
+    if rem:
+        target[:, full * side:].addmm_(pieces[full], blocks[full, :rem].t(), beta=beta)
+
+
+def _chunked_input_grad(grad_z: torch.Tensor, blocks: torch.Tensor, width: int, k: int) -> torch.Tensor:
+    """`grad x` from the outputs' gradient `grad_z` (`[N, width]`, width ≤ used·r̂, the chunks' surviving outputs):
+    each chunk's `grad_z_c · A_c` into its input columns, then the wrap-around padding folded back onto x."""
+    side, used = blocks.shape[-1], blocks.shape[0]
+    length = used * side
+    full, rem = divmod(width, side)
+    grad_in = grad_z.new_empty(grad_z.shape[0], max(length, k))
+    if full:
+        _chunks_of(grad_in, full, side).baddbmm_(_chunks_of(grad_z, full, side), blocks[:full], beta=0)
+    if rem:
+        grad_in[:, full * side: full * side + side].addmm_(grad_z[:, full * side:], blocks[full, :rem], beta=0)
+    if length < k:
+        grad_in[:, length:].zero_()
+    return grad_in if length <= k else _fold(grad_in, k)
+
+
+def _chunked_blocks_grad(grad_z: torch.Tensor, pieces: torch.Tensor, side: int) -> torch.Tensor:
+    """`grad A_c = grad_z_cᵀ · pieces_c` for each used chunk; rows of the cut chunk past `width` get zero."""
+    used = pieces.shape[0]
+    full, rem = divmod(grad_z.shape[1], side)
+    grad_blocks = grad_z.new_empty(used, side, side)
+    if full:
+        torch.bmm(_chunks_of(grad_z, full, side).transpose(1, 2), pieces[:full], out=grad_blocks[:full])
+    if rem:
+        torch.mm(grad_z[:, full * side:].t(), pieces[full], out=grad_blocks[full, :rem])
+        grad_blocks[full, rem:].zero_()
+    return grad_blocks
+
+
+class _ChunkedAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, base_out: torch.Tensor, x: torch.Tensor, M: torch.Tensor, rotate: bool) -> torch.Tensor:
+        side, k, d = M.shape[0], x.shape[-1], base_out.shape[-1]
+        _, used = used_chunks(k, d, side)
+        length = used * side
+        rows = x.reshape(-1, k)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        blocks = rotated_blocks(M, used, rotate)
+        pieces = _pieces(rows, length, side)
+        out = base_out.view(-1, d)
+        target = out if out.dtype == x.dtype else torch.zeros_like(out, dtype=x.dtype)
+        if d <= length:  # the chunks' outputs, cut to d, are the output
+            _chunked_product_into(target, pieces, blocks, beta=1)
+        else:  # d > n·r̂: the chunks' outputs are tiled over d
+            z = torch.bmm(pieces, blocks.transpose(1, 2)).transpose(0, 1).reshape(-1, length)
+            _tile_into(target, z)
+        if target is not out:
+            out.add_(target)
+        ctx.save_for_backward(rows, blocks)
+        ctx.shapes = (d, length, rotate, x.shape, x.dtype)
+        ctx.mark_dirty(base_out)
+        return base_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, blocks = ctx.saved_tensors
+        d, length, rotate, x_shape, x_dtype = ctx.shapes
+        side, k = blocks.shape[-1], rows.shape[1]
+        grad_z = grad_out.reshape(-1, d).to(rows.dtype)
+        if d > length:
+            grad_z = _fold(grad_z, length)
+        elif grad_z.stride(-1) != 1:
+            grad_z = grad_z.contiguous()
+        grad_x = grad_M = None
+        if ctx.needs_input_grad[2]:
+            grad_blocks = _chunked_blocks_grad(grad_z, _pieces(rows, length, side), side)
+            grad_M = rotated_blocks_transposed(grad_blocks, rotate)
+        if ctx.needs_input_grad[1]:
+            grad_x = _chunked_input_grad(grad_z, blocks, grad_z.shape[1], k).view(x_shape).to(x_dtype)
+        return grad_out, grad_x, grad_M, None
+
+
+def rope_add(base_out: torch.Tensor, x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """`base_out + mora_forward(x, M, k, d, "rope")`, adding in place into `base_out` (a fresh layer output)."""
+    return _ChunkedAdd.apply(base_out, x, M.to(x.dtype), True)
+
+
+def decouple_add(base_out: torch.Tensor, x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """`base_out + mora_forward(x, M, k, d, "decouple")`, in place as `rope_add`."""
+    return _ChunkedAdd.apply(base_out, x, M.to(x.dtype), False)
