@@ -1,8 +1,7 @@
 """The Runs tab with a year of history, in real headless Chromium against `mora-studio web`: 1,000 runs stored,
 10 of them with 100,000 logged steps. The tab opens on one page of the table, the 10 curves are drawn from a bounded
-number of sampled points with their min–max band, and a quiet page costs almost nothing on the wire."""
-import subprocess
-import time
+number of sampled points with their min–max band. (What a tick costs, quiet or live, is measured side by side in
+benchmarks/dashboard_scale.py, not timed here.)"""
 
 from storage.repo import Store
 from tests.app.test_up import _http_ok, studio_env, studio_process
@@ -28,13 +27,6 @@ def _seed(db_path) -> list[str]:
     return ids[-LONG_RUNS:]
 
 
-def _bytes_sent(port: int) -> int:
-    """What the server has sent on its open connections (Chromium's CDP misses Gradio's streamed updates)."""
-    out = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"], capture_output=True,
-                         text=True).stdout
-    return sum(int(part.split(":")[1]) for part in out.split() if part.startswith("bytes_sent:"))
-
-
 def _traces(page) -> dict:
     return page.evaluate("""() => {
         const el = document.querySelector('#loss-plot .js-plotly-plot');
@@ -52,10 +44,8 @@ def test_a_thousand_runs_and_ten_long_curves(tmp_path):
         url = f"http://127.0.0.1:{port}/"
         wait_for(lambda: _http_ok(url), 120, "the web app to answer", every=0.5)
         with open_page(url) as page:
-            opened = time.monotonic()
             page.get_by_role("tab", name="Runs").click()
             page.wait_for_selector("#runs-page-note:has-text('of 1000')")
-            open_s = time.monotonic() - opened
             boxes = page.locator("#compare input[type=checkbox]")
             wait_for(lambda: boxes.count() == 25, 30, "the page's 25 runs to be offered")  # one page, not the history
             table = page.locator("#runs-table").inner_text()
@@ -72,11 +62,3 @@ def test_a_thousand_runs_and_ten_long_curves(tmp_path):
                 if name.endswith("(max)"):
                     assert highest > 3.0  # the one-step spike at 54,321 survives sampling
             assert {name.split(" train")[0] for name in traces} == {f"sweep {i:04d}" for i in range(990, 1000)}
-            time.sleep(1.5)  # let the selection's last updates land before measuring a quiet page
-            before = _bytes_sent(port)
-            quiet_started = time.monotonic()
-            time.sleep(5)  # five timer ticks with nothing new
-            quiet = (_bytes_sent(port) - before) / (time.monotonic() - quiet_started)
-    print(f"1,000 runs: Runs tab opened in {open_s:.2f} s; quiet page {quiet:.0f} B/s")
-    assert open_s < 5
-    assert quiet < 2000, f"a quiet page sent {quiet:.0f} bytes a second"
