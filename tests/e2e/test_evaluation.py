@@ -29,7 +29,7 @@ def test_select_runs_launch_an_evaluation_and_read_scores_and_answers(studio, ti
         page.locator("#eval-limit input").fill("3")
         page.locator("#eval-max-tokens input").fill("6")
         page.locator("#eval-launch").click()
-        page.wait_for_selector("#eval-message:has-text('on capitals.jsonl (all, 3)')")
+        page.wait_for_selector("#eval-message:has-text('on capitals (all, 3)')")
         page.wait_for_selector("#eval-status:has-text('succeeded')", timeout=180_000)
         page.wait_for_selector("#eval-scores:has-text('lora run')")
         scores = page.locator("#eval-scores").inner_text()
