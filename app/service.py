@@ -13,7 +13,7 @@ from storage.records import (ArtifactRecord, ChatSessionRecord, DatasetRecord, E
 from workers import api, memory_estimate, model_shapes
 from workers.export import ExportError, request_for_run
 from workers.models import ModelError
-from workers.train_config import MAX_NAME_CHARS, ConfigError, TrainConfig
+from workers.train_config import MAX_NAME_CHARS, QUANTIZATIONS, ConfigError, TrainConfig
 
 CANCELLABLE = ("queued", "running")
 RESUMABLE = ("failed", "cancelled")
@@ -107,6 +107,17 @@ class StudioService:
         except Exception:  # Redis unreachable: estimate against nothing; sending the run will say what is wrong
             workers = []
         return memory_estimate.fit_report(shapes, config.resolved(), workers)
+
+    def training_capabilities(self) -> dict[str, Any]:
+        """What the connected training workers can take: the most devices one of them can give a run (a CPU worker:
+        one), and the quantised bases some worker can load."""
+        try:
+            trainers = [w for w in api.workers() if "train" in w.get("queues", [])]
+        except Exception:  # Redis unreachable: offer the plain run, which any worker takes
+            trainers = []
+        capable = [w for w in trainers if w.get("kind") == "cuda" and not w.get("quantization_problem", "none")]
+        return {"max_devices": max([max(1, w.get("gpus") or 0) for w in trainers], default=1),
+                "quantization": [q for q in QUANTIZATIONS if q != "none"] if capable else []}
 
     def _memory_refusal(self, config: TrainConfig) -> Optional[str]:
         try:

@@ -15,7 +15,7 @@ from workers.data_readers import FORMATS
 from workers.formatting import format_parameters
 from workers.models import list_models
 from mora.variants import variant_names
-from workers.train_config import ADAPTERS, DTYPES, SCHEDULES, ConfigError
+from workers.train_config import ADAPTERS, DTYPES, QUANTIZATIONS, SCHEDULES, ConfigError
 
 CSS = """
 .trained { background: #fde68a; border-radius: 2px; }
@@ -95,6 +95,16 @@ def data_tab(service: StudioService) -> dict[str, Any]:
     return {"tab": tab, "table": table, "to_delete": to_delete}
 
 
+def _device_choices(service: StudioService) -> tuple[Any, Any]:
+    """The devices slider and the quantisation choice, offered only where a connected training worker has them: up
+    to the most GPUs one worker holds, NF4/int8 where a worker can load a quantised base (a CUDA GPU with
+    bitsandbytes). With neither, both stay hidden and runs take one device and a full-precision base."""
+    offered = service.training_capabilities()
+    devices, quantized = offered["max_devices"], offered["quantization"]
+    return (gr.Slider(visible=devices > 1, maximum=max(devices, 2), value=1),
+            gr.Dropdown(visible=bool(quantized), choices=["none", *quantized], value="none"))
+
+
 def train_tab(service: StudioService) -> dict[str, Any]:
     form: dict[str, gr.components.Component] = {}
     with gr.Tab("Train", id="train") as tab:
@@ -140,6 +150,11 @@ def train_tab(service: StudioService) -> dict[str, Any]:
                 form["use_rslora"] = gr.Checkbox(False, label="rsLoRA scaling")
                 form["target_modules"] = gr.Textbox(label="Target modules (comma-separated; blank: all)")
                 form["dtype"] = gr.Dropdown(list(DTYPES), value="auto", label="Precision")
+            with gr.Row():  # shown only when a connected training worker has several GPUs or can quantise
+                form["devices"] = gr.Slider(1, 2, value=1, step=1, label="Devices for one run (DDP)",
+                                            visible=False, elem_id="devices")
+                form["quantization"] = gr.Dropdown(list(QUANTIZATIONS), value="none", visible=False,
+                                                   label="Quantised base (QLoRA / QMoRA)", elem_id="quantization")
         form["name"] = gr.Textbox(label="Run name (optional)", elem_id="run-name")
         with gr.Row():
             launch = gr.Button("Launch run", variant="primary", elem_id="launch")
@@ -513,4 +528,6 @@ def build_app(service: StudioService) -> gr.Blocks:
                  [form["model"], form["r"], form["variant"], form["adapter"]], [train["defaults"], train["budget"]])
         for event in (app.load, train["tab"].select):  # workers come and go: estimate against those there now
             event(train["memory_of"], train["components"], train["memory"], show_progress="hidden")
+            event(lambda: _device_choices(service), None, [form["devices"], form["quantization"]],
+                  show_progress="hidden")
     return app

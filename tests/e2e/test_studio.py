@@ -48,6 +48,8 @@ def test_a_new_user_trains_compares_and_chats(studio, tmp_path):
         # the memory estimate beside Launch: fits the worker, and a run too big for it is refused with numbers
         page.wait_for_selector("#memory-estimate:has-text('Fits train-')")
         assert "Memory: about" in page.locator("#memory-estimate").inner_text()
+        # a CPU worker has one device and no quantised bases: neither is offered
+        assert not page.locator("#devices").is_visible() and not page.locator("#quantization").is_visible()
         page.locator("#batch-size input").fill("4096")
         page.locator("#max-length input").fill("131072")
         page.locator("#max-steps input").click()

@@ -154,3 +154,20 @@ def test_a_run_is_refused_when_no_worker_has_its_devices_or_its_quantised_base()
     two = _config(adapter="mora", devices=2, dtype="bfloat16", quantization="nf4")
     assert [w["name"] for w in me.fit_report(SHAPES, two, [cpu, gpus])["fits"]] == ["train-gpu0-1@b"]
     assert "a nf4 base (bitsandbytes on a CUDA GPU)" in me.refusal_message(two, me.fit_report(SHAPES, two, [cpu]))
+
+
+def test_the_train_tab_offers_devices_and_quantisation_only_where_a_worker_has_them(redis_world, tmp_path):
+    redis, store = redis_world
+    client = bus.connect(redis.url)
+    service = StudioService(store, runs_dir=tmp_path / "runs")
+    assert service.training_capabilities() == {"max_devices": 1, "quantization": []}  # nobody connected
+    bus.announce_worker(client, "train-cpu0@a", {"queues": ["train"], "memory_gb": 16.0, "kind": "cpu", "gpus": 0,
+                                                 "quantization_problem": "no CUDA GPU"})
+    bus.announce_worker(client, "chat-gpu0@b", {"queues": ["chat"], "memory_gb": 80.0, "kind": "cuda", "gpus": 8})
+    assert service.training_capabilities() == {"max_devices": 1, "quantization": []}  # a chat worker trains nothing
+    bus.announce_worker(client, "train-gpu@c", {"queues": ["train"], "memory_gb": 80.0, "kind": "cuda", "gpus": 4,
+                                                "quantization_problem": "bitsandbytes is not installed"})
+    assert service.training_capabilities() == {"max_devices": 4, "quantization": []}
+    bus.announce_worker(client, "train-gpu@d", {"queues": ["train"], "memory_gb": 80.0, "kind": "cuda", "gpus": 2,
+                                                "quantization_problem": None})
+    assert service.training_capabilities() == {"max_devices": 4, "quantization": ["nf4", "int8"]}
