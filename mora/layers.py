@@ -7,7 +7,7 @@ knows its own hyperparameters, so saving, merging and diagnostics read everythin
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -123,6 +123,17 @@ def build_adapter(in_features: int, out_features: int, config: AdapterConfig, de
     raise TypeError(f"unknown adapter config {type(config).__name__}: use MoRAConfig or LoRAConfig")
 
 
+def _rows_selector(indices: list[int], device: torch.device) -> Union[slice, torch.Tensor]:
+    """An adapter's rows of a per-row batch: a slice when they are evenly spaced (one adapter's block of rows, or
+    every k-th row when k adapters take turns, as batched chat, serving and evaluation lay them out), so its branch
+    reads a view and adds into the output in place instead of copying rows out and the whole output back; an index
+    tensor otherwise."""
+    step = indices[1] - indices[0] if len(indices) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(indices, indices[1:])):
+        return slice(indices[0], indices[-1] + 1, step)
+    return torch.tensor(indices, device=device)
+
+
 class AdaptedLinear(nn.Module):
     """A frozen base layer with named adapters; `forward` adds the active adapter's branch (or, per row, each row's).
 
@@ -141,7 +152,7 @@ class AdaptedLinear(nn.Module):
         self.active_adapter: Optional[str] = None
         self.merged_adapters: list[str] = []
         self.row_adapters: Optional[list[Optional[str]]] = None
-        self._row_groups: dict[str, torch.Tensor] = {}
+        self._row_groups: dict[str, Union[slice, torch.Tensor]] = {}
         self.train(base_layer.training)
 
     @property
@@ -177,7 +188,7 @@ class AdaptedLinear(nn.Module):
         self.row_adapters = list(rows)
         device = self.base_layer.weight.device
         self._row_groups = {
-            name: torch.tensor([i for i, n in enumerate(rows) if n == name], device=device)
+            name: _rows_selector([i for i, n in enumerate(rows) if n == name], device)
             for name in dict.fromkeys(n for n in rows if n is not None)
         }
 
@@ -201,8 +212,11 @@ class AdaptedLinear(nn.Module):
             raise ValueError(f"per-row adapters name {len(rows)} rows but the batch has {x.shape[0]}")
         if self.merged_adapters:
             raise RuntimeError(f"adapters {self.merged_adapters} are merged: unmerge before choosing adapters per row")
-        for name, index in self._row_groups.items():
-            result = result.index_add(0, index, self._branch(name, x.index_select(0, index), result.dtype))
+        for name, rows in self._row_groups.items():
+            if isinstance(rows, slice):  # evenly spaced rows: a view in, an add into the output's own rows
+                result[rows] += self._branch(name, x[rows], result.dtype)
+            else:
+                result = result.index_add(0, rows, self._branch(name, x.index_select(0, rows), result.dtype))
         return result
 
     def merge(self, names: Optional[Sequence[str]] = None) -> None:

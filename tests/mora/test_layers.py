@@ -89,6 +89,32 @@ def test_mixed_batch_equals_rows_run_one_adapter_at_a_time():
         layer.set_row_adapters(["zz"] * 5)
 
 
+@pytest.mark.parametrize("rows", [["m", "m", None, "m", "s", "l", "s", "s"],  # uneven: copied rows, index_add
+                                  ["m", "s", "l", "m", "s", "l", "m", "s"]])  # taking turns: views, in-place add
+def test_mixed_batch_rows_and_gradients_equal_one_adapter_at_a_time(rows):
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(32, 24), ("m", MoRAConfig(r=4)), ("s", MoRAConfig(r=16, variant="sharing")),
+                   ("l", LoRAConfig(r=4)))
+    for adapter in layer.adapters.values():  # LoRA's B and MoRA's M start at zero: make every branch count
+        for parameter in adapter.parameters():
+            nn.init.normal_(parameter)
+    x = torch.randn(len(rows), 3, 32)
+    layer.set_row_adapters(rows)
+    mixed = layer(x)
+    mixed.square().sum().backward()
+    batched = {n: [p.grad.clone() for p in a.parameters()] for n, a in layer.adapters.items()}
+    layer.zero_grad()
+    layer.set_row_adapters(None)
+    for i, name in enumerate(rows):
+        layer.active_adapter = name
+        alone = layer(x[i:i + 1])
+        torch.testing.assert_close(mixed[i], alone[0].detach(), rtol=1e-5, atol=1e-5)
+        alone.square().sum().backward()
+    for name, adapter in layer.adapters.items():
+        for got, want in zip(batched[name], adapter.parameters()):
+            torch.testing.assert_close(got, want.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_adapter_weights_stay_float32_while_base_runs_in_bfloat16():
     base = nn.Linear(32, 32).to(torch.bfloat16)
     layer = _layer(base, ("a", MoRAConfig(r=4)))
