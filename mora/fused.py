@@ -25,12 +25,20 @@ import functools
 import torch
 
 
-def _fold(values: torch.Tensor, period: int) -> torch.Tensor:
-    """`[N, m] -> [N, period]`, summing every position into its residue mod `period`."""
+def _fold(values: torch.Tensor, period: int, width: int = 0) -> torch.Tensor:
+    """`[N, m] -> [N, max(period, width)]`, summing every position into its residue mod `period`; the columns past
+    `period` (a GEMM's padding) are zero."""
     q, s = divmod(values.shape[1], period)
-    folded = values[:, : q * period].view(-1, q, period).sum(1) if q else values.new_zeros(values.shape[0], period)
+    folded = values.new_empty(values.shape[0], max(period, width))
+    head = folded[:, :period]
+    if q:
+        torch.sum(values[:, : q * period].view(-1, q, period), 1, out=head)
+    else:
+        head.zero_()
     if s:
-        folded[:, :s] += values[:, q * period:]
+        head[:, :s] += values[:, q * period:]
+    if width > period:
+        folded[:, period:].zero_()
     return folded
 
 
@@ -45,27 +53,38 @@ def _tile_into(out: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _tile(values: torch.Tensor, length: int) -> torch.Tensor:
-    """`[N, p] -> [N, length]` with `y[:, o] = values[:, o mod p]`, written once (no zero fill)."""
+def _tile(values: torch.Tensor, length: int, width: int = 0) -> torch.Tensor:
+    """`[N, p] -> [N, max(length, width)]` with `y[:, o] = values[:, o mod p]` for `o < length`, written once (no
+    zero fill); the columns past `length` (a GEMM's padding) are zero."""
     period = values.shape[1]
     q, s = divmod(length, period)
-    out = values.new_empty(values.shape[0], length)
+    out = values.new_empty(values.shape[0], max(length, width))
     if q:
         out[:, : q * period].view(-1, q, period).copy_(values.unsqueeze(1))
     if s:
-        out[:, q * period:].copy_(values[:, :s])
+        out[:, q * period: length].copy_(values[:, :s])
+    if width > length:
+        out[:, length:].zero_()
     return out
 
 
-def _compress(x: torch.Tensor, side: int) -> torch.Tensor:
-    """Sharing's `c[j] = Σ_{t ≡ j mod r̂} x̃[t]`, with `x̃` the wrap-around padding of x to `L = ceil(k/r̂)·r̂`."""
+def _gemm_side(side: int) -> int:
+    """`r̂` rounded up to a multiple of 8. MKL multiplies an odd-sized square matrix up to a third slower than the
+    next multiple of 8 on the development CPU (983: 49 ms, 984: 39 ms for 512 rows, forward and both gradients),
+    so sharing runs its product zero-padded to this side: the same result, a few zero multiply-adds more."""
+    return -(-side // 8) * 8
+
+
+def _compress(x: torch.Tensor, side: int, width: int = 0) -> torch.Tensor:
+    """Sharing's `c[j] = Σ_{t ≡ j mod r̂} x̃[t]`, with `x̃` the wrap-around padding of x to `L = ceil(k/r̂)·r̂`,
+    as `[N, max(r̂, width)]` with zeros past r̂."""
     k = x.shape[1]
     if k < side:  # one chunk: x̃ is x repeated up to r̂
-        return _tile(x, side)
-    c = _fold(x, side)
+        return _tile(x, side, width)
+    c = _fold(x, side, width)
     rem = k % side
     if rem:  # the padded tail repeats x's first r̂ - rem features into the slots after rem
-        c[:, rem:] += x[:, : side - rem]
+        c[:, rem:side] += x[:, : side - rem]
     return c
 
 
@@ -84,22 +103,27 @@ class _SharingAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out: torch.Tensor, x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
         side, k, d = M.shape[0], x.shape[-1], base_out.shape[-1]
-        c = _compress(x.reshape(-1, k), side)
-        _tile_into(base_out.view(-1, d), c @ M.t())
-        ctx.save_for_backward(c, M)
-        ctx.shapes = (k, d, x.shape, x.dtype)
+        width = _gemm_side(side)
+        c = _compress(x.reshape(-1, k), side, width)  # [N, width], zero past r̂
+        padded = M if width == side else torch.nn.functional.pad(M, (0, width - side, 0, width - side))
+        _tile_into(base_out.view(-1, d), (c @ padded.t())[:, :side])
+        ctx.save_for_backward(c, padded)
+        ctx.shapes = (side, k, d, x.shape, x.dtype)
         ctx.mark_dirty(base_out)
         return base_out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        c, M = ctx.saved_tensors
-        k, d, x_shape, x_dtype = ctx.shapes
-        grad_z = _fold(grad_out.reshape(-1, d).to(c.dtype), M.shape[0])
-        grad_M = grad_z.t() @ c if ctx.needs_input_grad[2] else None
-        grad_x = None
+        c, padded = ctx.saved_tensors
+        side, k, d, x_shape, x_dtype = ctx.shapes
+        grad_z = _fold(grad_out.reshape(-1, d).to(c.dtype), side, padded.shape[0])  # [N, width], zero past r̂
+        grad_x = grad_M = None
+        if ctx.needs_input_grad[2]:
+            grad_M = grad_z.t() @ c
+            if grad_M.shape[0] != side:
+                grad_M = grad_M[:side, :side].contiguous()
         if ctx.needs_input_grad[1]:
-            grad_x = _compress_transposed(grad_z @ M, k).view(x_shape).to(x_dtype)
+            grad_x = _compress_transposed((grad_z @ padded)[:, :side], k).view(x_shape).to(x_dtype)
         return grad_out, grad_x, grad_M
 
 
@@ -120,25 +144,32 @@ def rotation_tables(side: int, chunks: int, device: torch.device) -> tuple[torch
     return angles.cos().to(device), angles.sin().to(device)
 
 
-def _wide_tables(side: int, chunks: int, dtype: torch.dtype, device: torch.device):
-    """The tables as `[chunks, 1, r̂/2]` in `dtype` (at least float32: a bf16 M must not round the angles)."""
-    return tuple(table.to(dtype).unsqueeze(1) for table in rotation_tables(side, chunks, device))
+@functools.lru_cache(maxsize=512)
+def _column_tables(side: int, chunks: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`[2, chunks, 1, r̂]` in `dtype`: each column's cosine `[cos, cos]` and the sine that multiplies M with its
+    halves swapped, `[sin, -sin]`, so that `A_i = M ⊙ C_i + roll(M, r̂/2) ⊙ S_i`."""
+    cos, sin = rotation_tables(side, chunks, device)
+    return torch.stack([torch.cat([cos, cos], -1), torch.cat([sin, -sin], -1)]).to(dtype).unsqueeze(2)
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """At least float32 (the tables' precision), float64 when the tensor is: a bf16 M must not round the angles."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def rotated_blocks(M: torch.Tensor, chunks: int, rotate: bool) -> torch.Tensor:
     """`A_i = M R_i` for each used chunk, shape `[chunks, r̂, r̂]`, computed from float32 tables.
 
-    Folding the rotation into M (n small products per step) replaces rotating every token's activations.
+    Column j of `M R_i` is `cos φ_{i,j}·M[:, j] + sin φ_{i,j}·M[:, j + r̂/2]` and column `j + r̂/2` is
+    `cos φ_{i,j}·M[:, j + r̂/2] - sin φ_{i,j}·M[:, j]`: three small ops on M. Folding the rotation into M (n small
+    products per step) replaces rotating every token's activations.
     """
     side = M.shape[0]
     if not rotate:
         return M.unsqueeze(0).expand(chunks, side, side)
-    half = side // 2
-    wide = M.to(torch.promote_types(M.dtype, torch.float32))
-    cos, sin = _wide_tables(side, chunks, wide.dtype, M.device)
-    first, second = wide[:, :half].unsqueeze(0), wide[:, half:].unsqueeze(0)
-    blocks = torch.cat([first * cos + second * sin, second * cos - first * sin], dim=-1)
-    return blocks.to(M.dtype)
+    wide = _wide(M)
+    cos, sin = _column_tables(side, chunks, wide.dtype, M.device)
+    return torch.addcmul(wide * cos, wide.roll(side // 2, 1), sin).to(M.dtype)
 
 
 def rotated_blocks_transposed(grad_blocks: torch.Tensor, rotate: bool) -> torch.Tensor:
@@ -146,13 +177,9 @@ def rotated_blocks_transposed(grad_blocks: torch.Tensor, rotate: bool) -> torch.
     if not rotate:
         return grad_blocks.sum(0)
     chunks, side = grad_blocks.shape[0], grad_blocks.shape[-1]
-    half = side // 2
-    wide = grad_blocks.to(torch.promote_types(grad_blocks.dtype, torch.float32))
-    cos, sin = _wide_tables(side, chunks, wide.dtype, grad_blocks.device)
-    first, second = wide[..., :half], wide[..., half:]
-    grad_first = (first * cos - second * sin).sum(0)
-    grad_second = (first * sin + second * cos).sum(0)
-    return torch.cat([grad_first, grad_second], dim=-1).to(grad_blocks.dtype)
+    wide = _wide(grad_blocks)
+    folded = (wide.unsqueeze(0) * _column_tables(side, chunks, wide.dtype, grad_blocks.device)).sum(1)
+    return (folded[0] + folded[1].roll(-(side // 2), 1)).to(grad_blocks.dtype)
 
 
 def used_chunks(in_features: int, out_features: int, side: int) -> tuple[int, int]:
