@@ -76,11 +76,9 @@ def _gemm_side(side: int) -> int:
 
 
 def _compress(x: torch.Tensor, side: int, width: int = 0) -> torch.Tensor:
-    """Sharing's `c[j] = Σ_{t ≡ j mod r̂} x̃[t]`, with `x̃` the wrap-around padding of x to `L = ceil(k/r̂)·r̂`,
-    as `[N, max(r̂, width)]` with zeros past r̂."""
+    """Sharing's `c[j] = Σ_{t ≡ j mod r̂} x̃[t]` for `k ≥ r̂`, with `x̃` the wrap-around padding of x to
+    `L = ceil(k/r̂)·r̂`, as `[N, max(r̂, width)]` with zeros past r̂."""
     k = x.shape[1]
-    if k < side:  # one chunk: x̃ is x repeated up to r̂
-        return _tile(x, side, width)
     c = _fold(x, side, width)
     rem = k % side
     if rem:  # the padded tail repeats x's first r̂ - rem features into the slots after rem
@@ -90,8 +88,6 @@ def _compress(x: torch.Tensor, side: int, width: int = 0) -> torch.Tensor:
 
 def _compress_transposed(grad_c: torch.Tensor, k: int) -> torch.Tensor:
     side = grad_c.shape[1]
-    if k < side:
-        return _fold(grad_c, k)
     grad_x = _tile(grad_c, k)
     rem = k % side
     if rem:
@@ -99,14 +95,29 @@ def _compress_transposed(grad_c: torch.Tensor, k: int) -> torch.Tensor:
     return grad_x
 
 
+def _padded(matrix: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """`matrix` zero-padded to `[rows, cols]` (itself when it has that shape)."""
+    if tuple(matrix.shape) == (rows, cols):
+        return matrix
+    return torch.nn.functional.pad(matrix, (0, cols - matrix.shape[1], 0, rows - matrix.shape[0]))
+
+
 class _SharingAdd(torch.autograd.Function):
+    """Only the product's live part is computed: the `min(d, r̂)` rows of M whose outputs survive the tiling to `d`,
+    and, when `k < r̂` (c is x repeated), M's columns folded onto x's `k` inputs, so the branch costs
+    `min(d, r̂)·min(k, r̂)` multiply-adds per token each way instead of `r̂²`."""
+
     @staticmethod
     def forward(ctx, base_out: torch.Tensor, x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
         side, k, d = M.shape[0], x.shape[-1], base_out.shape[-1]
-        width = _gemm_side(side)
-        c = _compress(x.reshape(-1, k), side, width)  # [N, width], zero past r̂
-        padded = M if width == side else torch.nn.functional.pad(M, (0, width - side, 0, width - side))
-        _tile_into(base_out.view(-1, d), (c @ padded.t())[:, :side])
+        live, inputs = min(d, side), min(k, side)
+        rows = x.reshape(-1, k)
+        if k >= side:
+            c, live_M = _compress(rows, side, _gemm_side(side)), M[:live]  # c: [N, width], zero past r̂
+        else:  # one chunk: c[j] = x[j mod k], so M·c = fold(M's columns mod k)·x
+            c, live_M = _padded(rows, rows.shape[0], _gemm_side(k)), _fold(M[:live], k)
+        padded = _padded(live_M, _gemm_side(live), c.shape[1])
+        _tile_into(base_out.view(-1, d), (c @ padded.t())[:, :live])
         ctx.save_for_backward(c, padded)
         ctx.shapes = (side, k, d, x.shape, x.dtype)
         ctx.mark_dirty(base_out)
@@ -116,14 +127,19 @@ class _SharingAdd(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         c, padded = ctx.saved_tensors
         side, k, d, x_shape, x_dtype = ctx.shapes
-        grad_z = _fold(grad_out.reshape(-1, d).to(c.dtype), side, padded.shape[0])  # [N, width], zero past r̂
+        live, inputs = min(d, side), min(k, side)
+        grad = grad_out.reshape(-1, d).to(c.dtype)
+        # [N, width], zero past the live rows: the tiling's transpose, or the output itself when d ≤ r̂
+        grad_z = _fold(grad, side, padded.shape[0]) if d > side else _padded(grad, grad.shape[0], padded.shape[0])
         grad_x = grad_M = None
         if ctx.needs_input_grad[2]:
-            grad_M = grad_z.t() @ c
-            if grad_M.shape[0] != side:
-                grad_M = grad_M[:side, :side].contiguous()
+            grad_live = (grad_z.t() @ c)[:live, :inputs]
+            if k < side:  # the column fold's transpose
+                grad_live = _tile(grad_live, side)
+            grad_M = _padded(grad_live, side, side).contiguous()
         if ctx.needs_input_grad[1]:
-            grad_x = _compress_transposed((grad_z @ padded)[:, :side], k).view(x_shape).to(x_dtype)
+            grad_c = (grad_z @ padded)[:, :inputs]
+            grad_x = (_compress_transposed(grad_c, k) if k >= side else grad_c).reshape(x_shape).to(x_dtype)
         return grad_out, grad_x, grad_M
 
 

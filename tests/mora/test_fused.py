@@ -111,3 +111,13 @@ def test_rope_layers_take_the_fused_path_and_never_pad_a_fitting_input():
     copies = [e.name for e in prof.events() if e.name in copying and [7, 48] in e.input_shapes]
     assert copies == []
     torch.testing.assert_close(y, layer.base_layer(x) + layer.adapters["a"](x))
+
+
+@pytest.mark.parametrize("k,d,side", [(50, 7, 9), (5, 7, 13), (6, 10, 8)])
+def test_fused_sharing_gradcheck_where_only_part_of_M_is_live(k, d, side):
+    """d < r̂ (only d rows of M reach the output) and k < r̂ (M's columns fold onto x's k inputs)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, k, dtype=torch.float64, requires_grad=True)
+    M = torch.randn(side, side, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(3, d, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda b, a, m: sharing_add(b * 1.0, a, m), (base, x, M))
