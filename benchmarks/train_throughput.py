@@ -92,8 +92,8 @@ def main() -> None:
     for lora, mora_ in ((METHODS[0], METHODS[1]), (METHODS[2], METHODS[3])):
         a, b = median[label(*lora)], median[label(*mora_)]
         ratios = [m / l for l, m in zip(rounds[label(*lora)], rounds[label(*mora_)])]
-        floor = (step_multiply_adds(shapes, *lora, args.max_length) / step_multiply_adds(shapes, *mora_, args.max_length)
-                 if shapes is not None else None)
+        floor = None if shapes is None else (step_multiply_adds(shapes, *lora, args.max_length)
+                                             / step_multiply_adds(shapes, *mora_, args.max_length))
         print(f"| {label(*mora_)} vs {label(*lora)} | {a:,.0f} | {b:,.0f} | {b / a:.3f} "
               f"| {min(ratios):.3f}–{max(ratios):.3f} | {'n/a' if floor is None else f'{floor:.3f}'} |")
         rows.append({"mora": label(*mora_), "lora": label(*lora), "lora_tokens_per_s": a, "mora_tokens_per_s": b,

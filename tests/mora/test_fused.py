@@ -13,24 +13,29 @@ SHAPES = [(40, 12, 6), (17, 23, 5), (12, 12, 12), (32, 64, 8), (50, 7, 9), (30, 
           (3, 20, 7)]
 
 
-@pytest.mark.parametrize("k,d,side", SHAPES)
-def test_fused_sharing_matches_functional_forward_and_gradients(k, d, side):
+def _assert_matches_functional(fused, variant: str, k: int, d: int, side: int) -> None:
+    """`fused(base, x, M)` equals `base + mora_forward(x, M)` in value and in the gradients of x, M and base."""
     torch.manual_seed(0)
     base = torch.randn(2, 3, d, dtype=torch.float64)
     x = torch.randn(2, 3, k, dtype=torch.float64, requires_grad=True)
     M = torch.randn(side, side, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(2, 3, d, dtype=torch.float64)
-    expected = base + MF.mora_forward(x, M, k, d, "sharing")
+    expected = base + MF.mora_forward(x, M, k, d, variant)
     expected.backward(grad)
     expected_grads = x.grad.clone(), M.grad.clone()
     x.grad = M.grad = None
     base_leaf = base.clone().requires_grad_(True)
-    got = sharing_add(base_leaf * 1.0, x, M)
+    got = fused(base_leaf * 1.0, x, M)
     got.backward(grad)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(x.grad, expected_grads[0])
     torch.testing.assert_close(M.grad, expected_grads[1])
     torch.testing.assert_close(base_leaf.grad, grad)
+
+
+@pytest.mark.parametrize("k,d,side", SHAPES)
+def test_fused_sharing_matches_functional_forward_and_gradients(k, d, side):
+    _assert_matches_functional(sharing_add, "sharing", k, d, side)
 
 
 @pytest.mark.parametrize("k,d,side", [(17, 23, 5), (3, 20, 7)])
@@ -52,22 +57,7 @@ CHUNKED = [("rope", rope_add), ("decouple", decouple_add)]
 @pytest.mark.parametrize("variant,fused", CHUNKED, ids=[name for name, _ in CHUNKED])
 @pytest.mark.parametrize("k,d,side", CHUNKED_SHAPES)
 def test_fused_chunked_matches_functional_forward_and_gradients(variant, fused, k, d, side):
-    torch.manual_seed(0)
-    base = torch.randn(2, 3, d, dtype=torch.float64)
-    x = torch.randn(2, 3, k, dtype=torch.float64, requires_grad=True)
-    M = torch.randn(side, side, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(2, 3, d, dtype=torch.float64)
-    expected = base + MF.mora_forward(x, M, k, d, variant)
-    expected.backward(grad)
-    expected_grads = x.grad.clone(), M.grad.clone()
-    x.grad = M.grad = None
-    base_leaf = base.clone().requires_grad_(True)
-    got = fused(base_leaf * 1.0, x, M)
-    got.backward(grad)
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(x.grad, expected_grads[0])
-    torch.testing.assert_close(M.grad, expected_grads[1])
-    torch.testing.assert_close(base_leaf.grad, grad)
+    _assert_matches_functional(fused, variant, k, d, side)
 
 
 @pytest.mark.parametrize("variant,fused", CHUNKED, ids=[name for name, _ in CHUNKED])
