@@ -53,6 +53,15 @@ def check_config(config: TrainConfig | dict[str, Any]) -> TrainConfig:
     return config
 
 
+def _training_workers() -> list[dict[str, Any]]:
+    """The connected training workers; none when Redis is unreachable (then the Train tab offers the plain run and
+    estimates against nothing, and sending the run says what is wrong)."""
+    try:
+        return memory_estimate.training_workers(api.workers())
+    except Exception:
+        return []
+
+
 class StudioService:
     def __init__(self, store: Store, runs_dir: Optional[Path] = None) -> None:
         self.store = store
@@ -102,22 +111,15 @@ class StudioService:
         shapes = model_shapes.shapes_for(config.model)
         if shapes is None:
             return None
-        try:
-            workers = api.workers()
-        except Exception:  # Redis unreachable: estimate against nothing; sending the run will say what is wrong
-            workers = []
-        return memory_estimate.fit_report(shapes, config.resolved(), workers)
+        return memory_estimate.fit_report(shapes, config.resolved(), _training_workers())
 
     def training_capabilities(self) -> dict[str, Any]:
         """What the connected training workers can take: the most devices one of them can give a run (a CPU worker:
         one), and the quantised bases some worker can load."""
-        try:
-            trainers = [w for w in api.workers() if "train" in w.get("queues", [])]
-        except Exception:  # Redis unreachable: offer the plain run, which any worker takes
-            trainers = []
-        capable = [w for w in trainers if w.get("kind") == "cuda" and not w.get("quantization_problem", "none")]
-        return {"max_devices": max([max(1, w.get("gpus") or 0) for w in trainers], default=1),
-                "quantization": [q for q in QUANTIZATIONS if q != "none"] if capable else []}
+        trainers = _training_workers()
+        return {"max_devices": max(map(memory_estimate.worker_devices, trainers), default=1),
+                "quantization": [q for q in QUANTIZATIONS if q != "none"]
+                if any(map(memory_estimate.worker_quantizes, trainers)) else []}
 
     def _memory_refusal(self, config: TrainConfig) -> Optional[str]:
         try:

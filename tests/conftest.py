@@ -18,3 +18,15 @@ def tiny_model_dir(tmp_path_factory):
     from tests.fixtures.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture()
+def queue_world(tmp_path, tiny_model_dir, monkeypatch):
+    """A fresh embedded Redis, store file and process group for one test (tests/workers/queue_harness.py); workers
+    and the collector are started by the test."""
+    from tests.workers.queue_harness import make_world
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    world = make_world(tmp_path, tiny_model_dir)
+    yield world
+    world.close()

@@ -20,7 +20,7 @@ launch"); the calibration test keeps it within its stated margin.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 from mora.variants import get_variant, r_hat
@@ -158,27 +158,34 @@ def fit_report(shapes: ModelShapes, config: TrainConfig, workers: list[dict[str,
     """The estimate for each kind of connected training worker, and whether the run fits any of them: what the
     Train tab shows and what the service checks before recording a run. No training worker connected: nothing to
     refuse against (the run waits in the queue), but the estimate for a CPU is still given."""
-    trainers = [w for w in workers if "train" in w.get("queues", []) and w.get("memory_gb")]
+    trainers = [w for w in training_workers(workers) if w.get("memory_gb")]
     kinds = sorted({w.get("kind", "cpu") for w in trainers}) or ["cpu"]
     estimates = {kind: estimate(shapes, config, kind) for kind in kinds}
     fits = [w for w in trainers if estimates[w.get("kind", "cpu")].total <= w["memory_gb"] * GIB * FITS_FRACTION
             and can_take(w, config)]
     other = None if config.gradient_checkpointing else estimate(
-        shapes, _with(config, gradient_checkpointing=True), kinds[-1]).total
+        shapes, replace(config, gradient_checkpointing=True), kinds[-1]).total
     return {"estimates": estimates, "workers": trainers, "fits": fits, "with_checkpointing": other}
 
 
+def training_workers(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The roster's workers that take training jobs."""
+    return [w for w in workers if "train" in w.get("queues", [])]
+
+
+def worker_devices(worker: dict[str, Any]) -> int:
+    """The devices a training worker can give one run: its GPUs, or one for a CPU worker."""
+    return max(1, worker.get("gpus") or 0)
+
+
+def worker_quantizes(worker: dict[str, Any]) -> bool:
+    """Whether a worker can hold a quantised base: a CUDA worker that announced no reason it cannot."""
+    return worker.get("kind") == "cuda" and "quantization_problem" in worker and not worker["quantization_problem"]
+
+
 def can_take(worker: dict[str, Any], config: TrainConfig) -> bool:
-    """Whether a training worker has the devices the run asks for (a CPU worker: one) and, for a quantised base,
-    the backend (it announces why not, or nothing when it can)."""
-    devices = max(1, worker.get("gpus") or 0)
-    quantized_ok = config.quantization == "none" or (
-        worker.get("kind") == "cuda" and "quantization_problem" in worker and not worker["quantization_problem"])
-    return config.devices <= devices and quantized_ok
-
-
-def _with(config: TrainConfig, **changes: Any) -> TrainConfig:
-    return TrainConfig.from_dict({**config.to_dict(), **changes})
+    """Whether a training worker has the devices the run asks for and, for a quantised base, the backend."""
+    return config.devices <= worker_devices(worker) and (config.quantization == "none" or worker_quantizes(worker))
 
 
 def refusal_message(config: TrainConfig, report: dict[str, Any]) -> Optional[str]:
@@ -190,7 +197,7 @@ def refusal_message(config: TrainConfig, report: dict[str, Any]) -> Optional[str
     if not able:
         wants = [f"{config.devices} devices"] if config.devices > 1 else []
         wants += [f"a {config.quantization} base (bitsandbytes on a CUDA GPU)"] if config.quantization != "none" else []
-        has = "; ".join(f"{w['name']}: {max(1, w.get('gpus') or 0)} device(s)"
+        has = "; ".join(f"{w['name']}: {worker_devices(w)} device(s)"
                         + (f", {w['quantization_problem']}" if w.get("quantization_problem") else "")
                         for w in report["workers"])
         return f"this run asks for {' and '.join(wants)}, which no connected training worker has ({has})"

@@ -10,17 +10,14 @@ import pytest
 
 from app.service import StudioService
 from storage.repo import TERMINAL_STATUSES
-from tests.workers.queue_harness import make_world, tiny_run_config, wait_for
+from tests.workers.queue_harness import tiny_run_config, wait_for
 from workers import api
 from workers.events import read_events
 
 
 @pytest.fixture()
-def world(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.delenv("REDIS_URL", raising=False)
-    world = make_world(tmp_path, tiny_model_dir)
-    yield world
-    world.close()
+def world(queue_world):
+    return queue_world
 
 
 def _final(world, run_id, timeout=120):

@@ -10,7 +10,7 @@ import yaml
 from app.service import StudioService
 from tests.app.test_up import ROOT, studio_env
 from storage.repo import TERMINAL_STATUSES
-from tests.workers.queue_harness import make_world, tiny_run_config, wait_for
+from tests.workers.queue_harness import tiny_run_config, wait_for
 from workers import api, bus
 from workers.celery_app import sent_key
 from workers.embedded_redis import free_port
@@ -40,11 +40,8 @@ def test_submit_with_redis_down_says_so_in_one_line_and_leaves_no_run(tmp_path, 
 
 
 @pytest.fixture()
-def world(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.delenv("REDIS_URL", raising=False)
-    world = make_world(tmp_path, tiny_model_dir)
-    yield world
-    world.close()
+def world(queue_world):
+    return queue_world
 
 
 def _restart_redis(world) -> None:

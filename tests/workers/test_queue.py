@@ -9,17 +9,14 @@ import pytest
 from app.service import ServiceError, StudioService
 from storage.repo import TERMINAL_STATUSES
 from workers import bus
-from tests.workers.queue_harness import make_world, tiny_run_config, wait_for
+from tests.workers.queue_harness import tiny_run_config, wait_for
 from workers.events import read_events
 
 
 
 @pytest.fixture()
-def world(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.delenv("REDIS_URL", raising=False)
-    world = make_world(tmp_path, tiny_model_dir)
-    yield world
-    world.close()
+def world(queue_world):
+    return queue_world
 
 
 def _service(world):
