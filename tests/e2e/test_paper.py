@@ -32,9 +32,10 @@ def test_the_paper_preset_runs_as_one_group_and_shows_its_table(studio):
 
         page.get_by_role("tab", name="Runs").click()
         page.get_by_text("Paper results (memorisation groups)").click()
-        choose = page.locator("#paper-group input")  # typed, not clicked: the tab's live tick moves the option list
-        choose.fill(group)
-        choose.press("Enter")
+        # Opening the accordion lists the groups and chooses the newest (ours, the only one): wait for that answer
+        # rather than typing into a list that has not arrived yet (a typed value with no such option is dropped)
+        choose = page.locator("#paper-group input")
+        wait_for(lambda: choose.input_value() == group, 30, "the accordion to list and choose the group", every=0.2)
         page.locator("#paper-show").click()
         page.wait_for_selector("#paper-table:has-text('Character accuracy')")
         table = page.locator("#paper-table").inner_text()
