@@ -181,12 +181,22 @@ def rotated_blocks(M: torch.Tensor, chunks: int, rotate: bool) -> torch.Tensor:
     `cos φ_{i,j}·M[:, j + r̂/2] - sin φ_{i,j}·M[:, j]`: three small ops on M. Folding the rotation into M (n small
     products per step) replaces rotating every token's activations.
     """
-    side = M.shape[0]
+    side = M.shape[-1]
     if not rotate:
-        return M.unsqueeze(0).expand(chunks, side, side)
-    wide = _wide(M)
+        return M.unsqueeze(-3).expand(*M.shape[:-2], chunks, side, side)
+    wide = _wide(M).unsqueeze(-3)  # a stacked M ([A, r̂, r̂]) gives [A, chunks, r̂, r̂]
     cos, sin = _column_tables(side, chunks, wide.dtype, M.device)
-    return torch.addcmul(wide * cos, wide.roll(side // 2, 1), sin).to(M.dtype)
+    return torch.addcmul(wide * cos, wide.roll(side // 2, -1), sin).to(M.dtype)
+
+
+def rotated_pieces(pieces: torch.Tensor) -> torch.Tensor:
+    """`R_i x_i` for each chunk `x_i` of `pieces` (`[..., chunks, r̂]`), so that `A_i x_i = M (R_i x_i)`: the rotation
+    applied to the activations instead of to M. Rotating costs the rows' `chunks·r̂` values against the blocks'
+    `chunks·r̂²`, so it is the cheaper side when there are fewer rows than r̂, as when a token is being generated."""
+    side, chunks = pieces.shape[-1], pieces.shape[-2]
+    wide = _wide(pieces)
+    cos, sin = _column_tables(side, chunks, wide.dtype, pieces.device).squeeze(2)
+    return torch.addcmul(wide * cos, wide.roll(side // 2, -1), sin, value=-1).to(pieces.dtype)
 
 
 def rotated_blocks_transposed(grad_blocks: torch.Tensor, rotate: bool) -> torch.Tensor:

@@ -15,7 +15,9 @@ can import it. The computing parts are callables the entry holds:
   rotated copy of M per chunk);
 - `delta(M, in_features, out_features)` → `ΔW`, optional: without it the delta weight is computed generically as
   the spec's `F(I_k)ᵀ`, the branch applied to the rows of the identity;
-- `fused_add(result, x, M)` → `result + branch(x)`, optional: a faster path that adds into `result` in place.
+- `fused_add(result, x, M)` → `result + branch(x)`, optional: a faster path that adds into `result` in place;
+- `stacks`: whether its own `forward` also takes several adapters' matrices stacked (`M` `[A, r̂, r̂]` against `x`
+  `[A, N, k]`), so that rows of different adapters run as one batched product; the simple form always can.
 
 The built-in variants' callables live in `mora.functional` (they need torch), which attaches them on import.
 """
@@ -48,6 +50,8 @@ class VariantSpec:
     forward: Optional[Callable[..., Any]] = None
     delta: Optional[Callable[..., Any]] = None
     fused_add: Optional[Callable[..., Any]] = None
+    stacks: bool = False
+    """True when `forward` also takes stacked matrices (see the module's docstring); the simple form always does."""
 
 
 _REGISTRY: dict[str, VariantSpec] = {}

@@ -115,6 +115,76 @@ def test_mixed_batch_rows_and_gradients_equal_one_adapter_at_a_time(rows):
             torch.testing.assert_close(got, want.grad, rtol=1e-4, atol=1e-4)
 
 
+STACKED_LAYOUTS = {
+    "taking turns": ["a", "b", "c"] * 4,  # evaluation and batched chat: each prompt once per adapter
+    "blocks": ["a"] * 3 + ["b"] * 3 + ["c"] * 3,
+    "with base rows": [None, "a", "b", "c"] * 3,
+    "one row each": ["a", "b", "c"],
+}
+
+
+def _stackable(configs) -> AdaptedLinear:
+    layer = _layer(nn.Linear(48, 40), *zip("abc", configs))
+    for adapter in layer.adapters.values():  # LoRA's B and MoRA's M start at zero: make every branch count
+        for parameter in adapter.parameters():
+            nn.init.normal_(parameter, std=0.3)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("layout", STACKED_LAYOUTS)
+@pytest.mark.parametrize("kind", VARIANTS + ["lora"])
+def test_stacked_adapters_answer_as_each_alone(kind, layout):
+    """Inference with rows of several same-shaped adapters in a regular layout runs them as one batched branch."""
+    torch.manual_seed(0)
+    config = LoRAConfig(r=4) if kind == "lora" else MoRAConfig(r=4, variant=kind)
+    layer = _stackable([config] * 3)
+    rows = STACKED_LAYOUTS[layout]
+    layer.set_row_adapters(rows)
+    assert layer._row_stack is not None and layer._row_stack.names == ("a", "b", "c")
+    for tokens in (1, 40):  # fewer rows than r̂ (a generated token) and more (a prompt)
+        x = torch.randn(len(rows), tokens, 48)
+        with torch.no_grad():
+            mixed = layer(x)
+        layer.set_row_adapters(None)
+        for i, name in enumerate(rows):
+            layer.active_adapter = name
+            with torch.no_grad():
+                torch.testing.assert_close(mixed[i], layer(x[i:i + 1])[0], rtol=1e-5, atol=1e-5)
+        layer.set_row_adapters(rows)
+
+
+def test_stacking_needs_one_shape_and_a_regular_layout_and_follows_weight_updates():
+    mixed_kinds = _stackable([MoRAConfig(r=4), MoRAConfig(r=4, variant="sharing"), MoRAConfig(r=4)])
+    mixed_kinds.set_row_adapters(["a", "b", "c"])
+    assert mixed_kinds._row_stack is None  # rope and sharing do not share one product
+    layer = _stackable([MoRAConfig(r=4)] * 3)
+    layer.set_row_adapters(["a", "a", "b", "c"])  # uneven counts
+    assert layer._row_stack is None
+    layer.set_row_adapters(["a", "b", "c", "a", "b", "c"])
+    x = torch.randn(6, 2, 48)
+    with torch.no_grad():
+        before = layer(x)
+        layer.adapters["b"].weight.mul_(2)  # a change in place (a loaded checkpoint, a training step)
+        after = layer(x)
+    assert torch.equal(before[0], after[0]) and not torch.allclose(before[1], after[1])
+    layer.set_row_adapters(None)
+    layer.active_adapter = "b"
+    with torch.no_grad():
+        torch.testing.assert_close(after[4], layer(x[4:5])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_rotating_the_rows_equals_rotating_m():
+    """Rope's two exact forms: the rows rotated chunk by chunk (few rows), M rotated per chunk (many)."""
+    from mora import functional as MF
+    from mora.fused import rotated_blocks, rotated_pieces
+
+    torch.manual_seed(0)
+    M = torch.randn(8, 8, dtype=torch.float64)
+    pieces = torch.randn(5, 3, 8, dtype=torch.float64)
+    torch.testing.assert_close(MF._linear(rotated_pieces(pieces), M),
+                               torch.einsum("...ni,noi->...no", pieces, rotated_blocks(M, 3, rotate=True)))
+
+
 def test_adapter_weights_stay_float32_while_base_runs_in_bfloat16():
     base = nn.Linear(32, 32).to(torch.bfloat16)
     layer = _layer(base, ("a", MoRAConfig(r=4)))
