@@ -99,6 +99,8 @@ def main() -> None:
                        "final_loss": trained.final_loss, "output": trained.output_dir, "kind": trained.output_kind}
                 print(f"{run_dir.name}: loss {trained.final_loss:.3f} in {row['train_seconds']:.0f} s", flush=True)
                 results.append(row)
+                args.out.mkdir(parents=True, exist_ok=True)  # what is done so far survives an interrupted sweep
+                (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         seed_rows = [r for r in results if r["seed"] == seed]
         for split in ("trained", "paraphrases"):
             request = EvalRequest.from_dict({
@@ -119,7 +121,9 @@ def main() -> None:
     for method, lrs in rates.items():
         def mean(lr, key):
             return statistics.fmean(r[key] for r in results if r["method"] == method and r["lr"] == lr)
-        best = max(lrs, key=lambda lr: mean(lr, "trained_exact_match"))
+        # by exact match on the trained questions; a tie (all rates learnt them) goes to the lower final loss, never
+        # to the paraphrases, which are the held-out measure
+        best = max(lrs, key=lambda lr: (mean(lr, "trained_exact_match"), -mean(lr, "final_loss")))
         cells = []
         for key in ("trained_exact_match", "paraphrases_exact_match"):
             values = [100 * r[key] for r in results if r["method"] == method and r["lr"] == best]
