@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
@@ -217,21 +218,29 @@ def _write_bench_results(store, group, out) -> int:
     return 0
 
 
+def _in_this_process(command: str, what: str, expected: type[Exception], job: Callable[[], Any]) -> tuple[Any, int]:
+    """Run a torch-side job here and its exit code: its own errors (`expected`, the user's to fix) as one line,
+    exit 2; anything else (out of memory, a torch error) as one line too, exit 1; never a traceback."""
+    try:
+        return job(), 0
+    except expected as error:
+        print(f"mora-studio {command}: {error}", file=sys.stderr)
+        return None, 2
+    except Exception as error:  # noqa: BLE001 (the one line is the point)
+        print(f"mora-studio {command}: the {what} failed ({type(error).__name__}: {error})", file=sys.stderr)
+        return None, 1
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """In this process (torch-side, like `train`): the run is read from the store, the export written to --out."""
     from workers.export import ExportError, ExportRequest, export_to
 
     request = ExportRequest.from_dict(_service().export_request(args.run, args.format, args.gguf_type))
-    try:
-        result = export_to(request, args.out, force=args.force)
-    except ExportError as error:
-        print(f"mora-studio export: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # noqa: BLE001 (one line, never a traceback: out of memory, a torch error)
-        print(f"mora-studio export: the export failed ({type(error).__name__}: {error})", file=sys.stderr)
-        return 1
-    print(result.summary())
-    return 0
+    result, code = _in_this_process("export", "export", ExportError,
+                                    lambda: export_to(request, args.out, force=args.force))
+    if code == 0:
+        print(result.summary())
+    return code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -258,17 +267,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         kind = "model_path" if run.output_kind == "model" else "adapter_path"
         rows.append({"label": run.name, "run_id": run.id, kind: run.output_dir, "step": run.step})
         base = base or run.model or None
-    try:
+    def evaluate():
         request = EvalRequest.from_dict({"base_model": base, "rows": rows, "max_new_tokens": args.max_new_tokens,
                                          "source": {"data": str(args.data), "limit": args.limit, "seed": args.seed}})
-        result = run_evaluation(ChatEngine(), request, on_answers=lambda answers, done: print(
+        return request, run_evaluation(ChatEngine(), request, on_answers=lambda answers, done: print(
             f"answered {done} prompts", file=sys.stderr))
-    except EvalError as error:
-        print(f"mora-studio eval: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # noqa: BLE001 (one line, never a traceback: out of memory, a torch error)
-        print(f"mora-studio eval: the evaluation failed ({type(error).__name__}: {error})", file=sys.stderr)
-        return 1
+
+    done, code = _in_this_process("eval", "evaluation", EvalError, evaluate)
+    if code:
+        return code
+    request, result = done
     labels = [row.label for row in request.rows]
     print(score_table(labels, result.scores, len(result.examples)))
     if args.json:
