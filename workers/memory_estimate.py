@@ -109,11 +109,12 @@ def trainable_parameters(shapes: ModelShapes, config: TrainConfig) -> int:
     return sum((k + d) * config.r for _, k, d in layers)
 
 
-def _block_values_per_token(shapes: ModelShapes, config: TrainConfig) -> int:
+def _block_values_per_token(shapes: ModelShapes, config: TrainConfig, act_bytes: int = 4) -> int:
     """Values one block keeps for its backward, per token: the two norms' inputs and outputs, q/k/v (rotated) and
     the attention output, SwiGLU's gate, its activation, up and their product; plus each adapted layer's branch
-    (MoRA: the compressed input, or a per-chunk variant's rotated chunks; LoRA: its r-wide middle and, with
-    dropout, the dropped input)."""
+    (MoRA: the compressed input; a per-chunk variant's fused path keeps the layer's input itself, counted above, and
+    a copy only when it is dropped out or cast up to the adapters' float32; LoRA: its r-wide middle and, with
+    dropout, the dropped input). `act_bytes` is the size of one value as counted here."""
     h, f = shapes.hidden_size, shapes.intermediate_size
     q, kv = shapes.num_heads * shapes.head_dim, shapes.kv_size
     values = 4 * h + 3 * q + 2 * kv + 4 * f
@@ -122,7 +123,8 @@ def _block_values_per_token(shapes: ModelShapes, config: TrainConfig) -> int:
     per_block = [layer for layer in _adapter_layers(shapes, config.target_modules)
                  if layer[0].startswith("model.layers.0.")]
     if config.adapter == "mora" and get_variant(config.variant).per_chunk:
-        values += sum(k for _, k, _ in per_block)  # the rotated chunks of the input
+        if config.dropout or act_bytes < 4:  # a float32 copy of the input, in values of act_bytes
+            values += sum(k for _, k, _ in per_block) * 4 // act_bytes
     elif config.adapter == "mora":
         values += sum(r_hat(k, d, config.r, config.variant) for _, k, d in per_block)  # the compressed input
     else:
@@ -138,7 +140,7 @@ def estimate(shapes: ModelShapes, config: TrainConfig, device_kind: str = "cpu")
     trainable = trainable_parameters(shapes, config)
     trainable_bytes = 4  # adapters and a full fine-tune's master weights are float32
     base = _base_bytes(shapes, config, device_kind)
-    block = _block_values_per_token(shapes, config) * tokens * act_bytes
+    block = _block_values_per_token(shapes, config, act_bytes) * tokens * act_bytes
     if config.gradient_checkpointing:
         activations = shapes.num_layers * shapes.hidden_size * tokens * act_bytes + block
     else:

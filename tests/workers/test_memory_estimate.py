@@ -55,7 +55,9 @@ def test_the_parts_follow_the_settings_they_depend_on():
     assert full.weights == full.trainable == SHAPES.parameters * 4 and full.optimizer == 2 * full.weights
     rope = me.estimate(SHAPES, _config(adapter="mora", variant="rope"), "cpu")
     sharing = me.estimate(SHAPES, _config(adapter="mora", variant="sharing", r=1), "cpu")
-    assert rope.activations > sharing.activations  # a per-chunk variant keeps its rotated chunks of all k inputs
+    assert rope.activations < sharing.activations  # rope's fused path keeps the input itself, sharing a compressed copy
+    dropped = me.estimate(SHAPES, _config(adapter="mora", variant="rope", dropout=0.1), "cpu")
+    assert dropped.activations > rope.activations  # a dropped-out input is a copy of all k inputs per layer
 
 
 def test_the_refusal_names_the_numbers_and_what_to_lower():
