@@ -188,6 +188,30 @@ class _Group:
     rows: list[int]
 
 
+class FairLock:
+    """A lock taken in the order it was asked for. The chat worker runs two jobs at once (an evaluation and a chat,
+    say) that share the resident models; the evaluation takes the lock per batch, and with a plain lock it would
+    usually take it straight back, so a chat sent meanwhile would wait for the whole evaluation. First come, first
+    served, the chat waits for one batch."""
+
+    def __init__(self) -> None:
+        self._turns = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> "FairLock":
+        with self._turns:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._turns.wait_for(lambda: self._serving == ticket)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._turns:
+            self._serving += 1
+            self._turns.notify_all()
+
+
 class ChatEngine:
     """Keeps models and adapters resident between requests and answers a request's rows, batched per model."""
 
@@ -199,7 +223,7 @@ class ChatEngine:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.models: "OrderedDict[Path, ResidentModel]" = OrderedDict()
         self._names = itertools.count(1)
-        self.lock = threading.Lock()  # one generation at a time: the Chat tab's and the API's share the models
+        self.lock = FairLock()  # one generation at a time (chat, API, evaluation batch), in the order they came
 
     def run(self, request: Any, publish: Publish, stop_requested: Callable[[], bool] = lambda: False) -> None:
         """Answer `request`, handing every snapshot to `publish`; the last one has done=True (and maybe an error,

@@ -35,7 +35,13 @@ class WorkerSpec:
     gpu: Optional[str] = None
     """The GPU indices the worker owns, comma-separated (`0,1,2,3`), or None on the CPU."""
     slots: int = 1
-    """Jobs it runs at once: a training worker owning N GPUs runs up to N, lending them per job (DevicePool)."""
+    """Jobs it runs at once: a training worker owning N GPUs runs up to N, lending them per job (DevicePool); a chat
+    worker runs CHAT_SLOTS, which share its models and take turns on them (workers.chat.FairLock)."""
+
+
+CHAT_SLOTS = 2
+"""A chat worker's jobs at once: a chat or an API request is answered between two batches of a running evaluation
+instead of after all of it."""
 
 
 def worker_specs(queues: Sequence[str], gpus: Sequence[str], cpu_workers: int = 1) -> list[WorkerSpec]:
@@ -49,7 +55,8 @@ def worker_specs(queues: Sequence[str], gpus: Sequence[str], cpu_workers: int = 
         owned = [WorkerSpec(f"train-gpu{'-'.join(gpus)}", TRAIN_QUEUE, ",".join(gpus), len(gpus))] if gpus else []
         specs += owned or [WorkerSpec(f"train-cpu{i}", TRAIN_QUEUE) for i in range(max(1, cpu_workers))]
     if CHAT_QUEUE in queues:
-        specs.append(WorkerSpec(f"chat-gpu{gpus[0]}" if gpus else "chat-cpu", CHAT_QUEUE, gpus[0] if gpus else None))
+        specs.append(WorkerSpec(f"chat-gpu{gpus[0]}" if gpus else "chat-cpu", CHAT_QUEUE, gpus[0] if gpus else None,
+                                CHAT_SLOTS))
     if CHAT_QUEUE in queues or UTILITY_QUEUE in queues:
         specs.append(WorkerSpec("utility-cpu", UTILITY_QUEUE))
     unknown = set(queues) - {TRAIN_QUEUE, CHAT_QUEUE, UTILITY_QUEUE}

@@ -12,7 +12,8 @@ from storage.repo import Store
 from workers import bus
 from workers.collector import Collector
 from workers.embedded_redis import EmbeddedRedis
-from workers.processes import ProcessGroup, WorkerSpec, celery_command, worker_env
+from workers.celery_app import CHAT_QUEUE
+from workers.processes import CHAT_SLOTS, ProcessGroup, WorkerSpec, celery_command, worker_env
 from tests.workers.sample_data import write_dataset
 
 
@@ -39,7 +40,7 @@ class QueueWorld:
     def start_worker(self, queue: str = "train") -> str:
         self.workers_started += 1
         name = f"{queue}-test{self.workers_started}"
-        spec = WorkerSpec(name, queue)
+        spec = WorkerSpec(name, queue, slots=CHAT_SLOTS if queue == CHAT_QUEUE else 1)  # as `up` starts them
         self.group.spawn(name, celery_command(spec), worker_env(spec, self.env))
         client = bus.connect(self.redis.url)
         wait_for(lambda: any(w["name"].startswith(name + "@") for w in bus.list_workers(client)), 60,

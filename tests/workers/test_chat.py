@@ -306,3 +306,32 @@ def test_the_web_side_api_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_the_engine_lock_serves_in_the_order_asked():
+    """A job that takes the lock again at once (an evaluation, batch after batch) lets one that asked meanwhile in
+    first (a plain lock may hand it straight back)."""
+    import threading
+    import time
+
+    from workers.chat import FairLock
+
+    lock, order, asked = FairLock(), [], threading.Event()
+
+    def chat() -> None:
+        asked.set()
+        with lock:
+            order.append("chat")
+
+    with lock:
+        order.append("batch 1")
+        other = threading.Thread(target=chat)
+        other.start()
+        asked.wait(10)
+        deadline = time.monotonic() + 10
+        while lock._next_ticket < 2 and time.monotonic() < deadline:
+            pass  # until the chat has taken its ticket and waits for its turn
+    with lock:
+        order.append("batch 2")
+    other.join(10)
+    assert order == ["batch 1", "chat", "batch 2"]

@@ -2,6 +2,9 @@
 Redis, Celery, the tiny model), the worker answers with every row in batched passes and publishes on the
 evaluation's stream, and the collector writes examples, answers and scores into the SQLite store. The judge is a real
 HTTP server in this process (tests/workers/fake_judge.py) that the worker process calls."""
+import json
+from datetime import datetime, timezone
+
 import pytest
 
 from app.service import ServiceError, StudioService
@@ -9,6 +12,7 @@ from tests.workers.fake_judge import FakeJudge, pointwise_score
 from tests.workers.queue_harness import make_world, wait_for
 from tests.workers.sample_data import write_dataset
 from tests.workers.test_export import adapter_runs
+from workers import api
 from workers.eval_metrics import METRICS
 
 
@@ -91,3 +95,35 @@ def test_refusals_are_messages_and_nothing_is_recorded(world):
     bad = service.start_evaluation([world.runs["sharing"].id], prompts="file", data=str(world.root / "none.jsonl"))
     failed = _finished(world, bad)
     assert failed.status == "failed" and failed.error.startswith("data: ") and "does not exist" in failed.error
+
+
+def test_a_chat_sent_during_an_evaluation_is_answered_before_it_ends(world):
+    """The chat worker runs two jobs that take turns on its models, first come first served (workers.chat.FairLock):
+    a chat waits for the evaluation's current batch, not for the whole evaluation."""
+    data = world.root / "many-prompts.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say the number {i}."},
+                                                     {"role": "assistant", "content": f"{i}"}]}) + "\n"
+                            for i in range(80)))
+    service = StudioService(world.store)
+    runs = [world.runs["sharing"]]
+    source = {"data": str(data), "split": "all", "limit": 80}
+    request = {"base_model": runs[0].model, "max_new_tokens": 12, "batch_rows": 2, "source": source,
+               "rows": [{"label": "base model"}, {"label": "sharing run", "run_id": runs[0].id,
+                                                  "adapter_path": runs[0].output_dir}]}  # one prompt a batch
+    evaluation = world.store.create_evaluation(name="long", base_model=runs[0].model, rows=[
+        {"label": "base model", "run_id": None}, {"label": "sharing run", "run_id": runs[0].id}], source=source,
+        settings={})
+    api.submit_evaluation(evaluation.id, request)
+    wait_for(lambda: world.store.get_evaluation(evaluation.id).examples_done > 0, 120, "the evaluation to answer")
+    chat = api.start_chat({"base_model": runs[0].model, "rows": [{"label": "base"}],
+                           "messages": [{"role": "user", "content": "Hello"}],
+                           "settings": {"max_new_tokens": 4, "temperature": 0}})
+    final = list(api.chat_updates(chat, timeout_s=120))[-1]
+    chat_done = datetime.now(timezone.utc)
+    assert final["done"] and final["error"] is None, final
+    done = _finished(world, evaluation)
+    assert done.status == "succeeded", done.status_message
+    assert done.examples_done == 80
+    assert chat_done < done.finished_at.replace(tzinfo=done.finished_at.tzinfo or timezone.utc), \
+        "the chat waited for the whole evaluation"
+    assert service.evaluation_results(evaluation.id)[2]  # and the evaluation lost nothing to the chat
