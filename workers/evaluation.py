@@ -7,10 +7,12 @@ the same `eval_fraction` and seed), at most `limit` of them (a seeded sample whe
 prompt is everything before its last assistant turn; that turn is the reference. Raw `text` files have no reference
 to compare with and are refused.
 
-How they are answered (`answer_batches`): for each batch of examples, every row of one model answers in one batched
-`stream_rows` (the chat's generation, greedy) with `mora.adapters_per_row`, and then one teacher-forced forward pass
-over the same rows gives each reference's mean loss per token (`answer_losses`). Scores are `workers.eval_metrics`'s;
-`summarize` averages them per row (perplexity: exp of the mean loss, the geometric mean of the examples').
+How they are answered (`answer_batches`): for each batch of examples, a teacher-forced pass over every row of one
+model (examples × rows, `mora.adapters_per_row`) gives each reference's mean loss per token and the keys and values
+of the prompts (`losses_and_prompt_cache`), and then the same rows answer in one batched `stream_rows` (the chat's
+generation, greedy) that continues from those keys and values, so each prompt is read once. Scores are
+`workers.eval_metrics`'s; `summarize` averages them per row (perplexity: exp of the mean loss, the geometric mean of
+the examples').
 
 On the queue (`run_queued_evaluation`, the `chat` queue's `mora.evaluate` task): the chat worker's engine (its resident
 models and adapter cache) answers, and events go on the evaluation's Redis stream (`bus.eval_stream_key`), which the
@@ -46,7 +48,8 @@ DEFAULT_BATCH_ROWS = 32
 """Generated rows per batched `generate` on a CPU (examples × rows); a GPU takes 256."""
 EXAMPLES_PER_EVENT = 50
 LOSS_ROWS = 8
-"""Rows per teacher-forced forward pass: its logits are rows × answer length × vocabulary."""
+"""Rows per teacher-forced forward pass: its logits are rows × answer length × vocabulary. The prompts' keys and values
+are gathered from the passes into one cache for all the batch's rows, the cache the generation's prefill would build."""
 
 Message = dict[str, str]
 
@@ -181,40 +184,79 @@ def prepare(tokenizer, examples: Sequence[EvalExample], max_new_tokens: int, mod
 def answer_losses(model, prompts: Sequence[Sequence[int]], references: Sequence[Sequence[int]],
                   adapters: Sequence[Optional[str]], pad_token_id: int) -> list[float]:
     """Each reference's mean negative log-likelihood per token after its prompt (teacher forcing), row i with
-    `adapters[i]`, in one forward pass: sequences left-padded (so every reference ends at the last position and
-    only the last positions' logits are computed), positions counted from each row's first real token."""
+    `adapters[i]` (`losses_and_prompt_cache` without keeping the prompts' cache)."""
+    return losses_and_prompt_cache(model, prompts, references, adapters, pad_token_id, keep_cache=False)[0]
+
+
+def losses_and_prompt_cache(model, prompts: Sequence[Sequence[int]], references: Sequence[Sequence[int]],
+                   adapters: Sequence[Optional[str]], pad_token_id: int, keep_cache: bool = True,
+                   ) -> tuple[list[float], Any]:
+    """Each reference's mean negative log-likelihood per token after its prompt (teacher forcing, nan for an empty
+    reference), row i with `adapters[i]`, `LOSS_ROWS` rows a forward pass; and, with `keep_cache`, the prompts' keys
+    and values for `stream_rows(cache=...)`, or None when the model's cache cannot be cut back to them.
+
+    A row is [left padding][prompt][reference][right padding], the prompts left-padded to the widest one (width P),
+    positions counted from each row's first real token, so only the last positions' logits are computed. By
+    causality the first P - 1 positions are exactly a batched generation's prefill of the left-padded prompts: their
+    keys and values, gathered for all rows, let the generation read only each prompt's last token. A cache of
+    sliding-window or linear-attention layers (or any other kind than plain full attention) is not cut, nor is one
+    whose model generates with a cache of its own kind (`cache_implementation`): the generation prefills itself."""
     import torch
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
     import mora
 
-    sequences = [list(p) + list(r) for p, r in zip(prompts, references)]
-    width = max(len(s) for s in sequences)
-    keep = max(len(r) for r in references) + 1
     device = next(model.parameters()).device
-    input_ids = torch.tensor([[pad_token_id] * (width - len(s)) + s for s in sequences], device=device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad(), mora.adapters_per_row(model, list(adapters)):
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                       logits_to_keep=keep).logits.float()
+    prompt_width = max(len(p) for p in prompts)
+    keep_cache = keep_cache and getattr(model.generation_config, "cache_implementation", None) is None
+    cache = None
     losses = []
-    for row, reference in enumerate(references):
-        if not reference:
-            losses.append(float("nan"))
+    for first in range(0, len(prompts), LOSS_ROWS):
+        rows = range(first, min(first + LOSS_ROWS, len(prompts)))
+        answer_width = max(len(references[i]) for i in rows)
+        input_ids = torch.tensor([[pad_token_id] * (prompt_width - len(prompts[i])) + list(prompts[i])
+                                  + list(references[i]) + [pad_token_id] * (answer_width - len(references[i]))
+                                  for i in rows], device=device)
+        mask = torch.tensor([[0] * (prompt_width - len(prompts[i])) + [1] * (len(prompts[i]) + len(references[i]))
+                             + [0] * (answer_width - len(references[i])) for i in rows], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad(), mora.adapters_per_row(model, [adapters[i] for i in rows]):
+            output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=keep_cache,
+                           logits_to_keep=answer_width + 1)
+        # the kept logits start at position prompt_width - 1, the prompt's last: logits[:, j] predicts reference token j
+        logits = output.logits.float()
+        for row, i in enumerate(rows):
+            if not references[i]:
+                losses.append(float("nan"))
+                continue
+            target = torch.tensor(references[i], device=device)
+            losses.append(float(torch.nn.functional.cross_entropy(logits[row, :len(references[i])], target)))
+        chunk = getattr(output, "cache", None)
+        del output, logits  # not held through the next pass
+        if not keep_cache:
             continue
-        # logits[:, j] predicts the token at position width - keep + j + 1
-        predicted = logits[row, keep - 1 - len(reference):keep - 1]
-        target = torch.tensor(reference, device=device)
-        losses.append(float(torch.nn.functional.cross_entropy(predicted, target)))
-    return losses
+        if type(chunk) is not DynamicCache or not all(type(layer) is DynamicLayer and layer.is_initialized
+                                                      for layer in chunk.layers):
+            keep_cache, cache = False, None
+            continue
+        if cache is None:  # one layer allocated at a time (a generator), so the cache is never held twice
+            cache = DynamicCache(ddp_cache_data=(
+                (keys.new_empty((len(prompts), keys.shape[1], prompt_width - 1, keys.shape[3])),
+                 values.new_empty((len(prompts), values.shape[1], prompt_width - 1, values.shape[3])))
+                for keys, values, _ in chunk))
+        for (keys, values, _), (chunk_keys, chunk_values, _) in zip(cache, chunk):
+            keys[first:first + len(rows)] = chunk_keys[:, :, :prompt_width - 1]
+            values[first:first + len(rows)] = chunk_values[:, :, :prompt_width - 1]
+    return losses, cache
 
 
 def answer_batches(model, tokenizer, examples: Sequence[EvalExample], rows: Sequence[int],
                    adapters: Sequence[Optional[str]], max_new_tokens: int, batch_rows: int = DEFAULT_BATCH_ROWS,
                    should_stop: Optional[Callable[[], bool]] = None) -> Iterator[list[Answer]]:
     """For each batch of examples, every row's answer (row `rows[i]` uses `adapters[i]` on `model`) with its
-    scores: one batched greedy generation over examples × rows, then teacher-forced losses over the same rows.
-    The model is left in the mode (train or eval) it came in."""
+    scores: teacher-forced losses over examples × rows, then one batched greedy generation over the same rows that
+    continues from the teacher-forced pass's prompt cache. The model is left in the mode (train or eval) it came in."""
     from workers.generation import GenerationSettings, stream_rows
 
     prompts, references = prepare(tokenizer, examples, max_new_tokens, model)
@@ -229,15 +271,14 @@ def answer_batches(model, tokenizer, examples: Sequence[EvalExample], rows: Sequ
                 return
             batch = range(start, min(start + per_batch, len(examples)))
             pairs = [(i, k) for i in batch for k in range(len(rows))]
+            batch_prompts, batch_adapters = [prompts[i] for i, _ in pairs], [adapters[k] for _, k in pairs]
+            losses, cache = losses_and_prompt_cache(model, batch_prompts, [references[i] for i, _ in pairs],
+                                                    batch_adapters, pad)
             outputs = []
-            for outputs in stream_rows(model, tokenizer, [prompts[i] for i, _ in pairs],
-                                       [adapters[k] for _, k in pairs], [greedy] * len(pairs)):
+            for outputs in stream_rows(model, tokenizer, batch_prompts, batch_adapters, [greedy] * len(pairs),
+                                       cache=cache):
                 pass
-            losses: list[float] = []
-            for first in range(0, len(pairs), LOSS_ROWS):
-                chunk = pairs[first:first + LOSS_ROWS]
-                losses += answer_losses(model, [prompts[i] for i, _ in chunk], [references[i] for i, _ in chunk],
-                                        [adapters[k] for _, k in chunk], pad)
+            del cache
             answers = []
             for (i, k), output, loss in zip(pairs, outputs, losses):
                 scores: dict[str, Optional[float]] = dict(score_answer(output.text, examples[i].reference))

@@ -199,12 +199,15 @@ def stream_rows(
     model, tokenizer, prompts: Sequence[Sequence[int]], adapters: Sequence[Optional[str]],
     settings: Sequence[GenerationSettings], stops: Optional[Sequence[Sequence[str]]] = None,
     should_stop: Optional[Callable[[], bool]] = None, rows_to_end: Optional[Callable[[], Collection[int]]] = None,
+    cache=None,
 ) -> Iterator[list[RowOutput]]:
     """Generate for prompts already in tokens (lengths already checked), one batched `generate`, each row with its
     adapter, settings and stop strings; yield every row's `RowOutput` after each generated token.
 
     `should_stop()` ends every row; `rows_to_end()` names rows to end now (their callers left). Both are asked after
-    each token. Closing the iterator stops the generation."""
+    each token. Closing the iterator stops the generation. `cache`: the keys and values of the left-padded prompts
+    but their last position, already computed with the same adapters per row
+    (`workers.evaluation.losses_and_prompt_cache`); `generate` then reads only the tokens it does not hold."""
     if not len(prompts) == len(adapters) == len(settings):
         raise ValueError(f"{len(prompts)} prompts, {len(adapters)} adapter choices and {len(settings)} settings")
     for row_settings in settings:
@@ -226,6 +229,8 @@ def stream_rows(
         stopping_criteria=StoppingCriteriaList([_RowsEnd(
             width, limits, ended, lambda: abandoned.is_set() or (should_stop is not None and should_stop()))]),
     )
+    if cache is not None:  # `past_key_values` is this argument's deprecated name in transformers 5
+        kwargs["cache"] = cache
     failure: list[BaseException] = []
 
     def generate() -> None:

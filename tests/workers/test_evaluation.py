@@ -12,9 +12,9 @@ from tests.workers.sample_data import FACTS, write_dataset
 from tests.workers.test_chat import _save_random_adapter
 from workers.chat import ChatEngine
 from workers.data import _held_out
-from workers.evaluation import (Answer, EvalError, EvalRequest, EvalSource, answer_losses, read_examples,
-                                run_evaluation, summarize)
-from workers.generation import GenerationSettings, render_prompt, reply
+from workers.evaluation import (LOSS_ROWS, Answer, EvalError, EvalExample, EvalRequest, EvalSource, answer_batches,
+                                answer_losses, losses_and_prompt_cache, read_examples, run_evaluation, summarize)
+from workers.generation import GenerationSettings, render_prompt, reply, stream_rows
 from workers.model_loading import load_model
 
 
@@ -89,6 +89,52 @@ def test_answer_loss_in_a_batch_equals_alone_and_the_loss_by_hand(env):
                                                             torch.tensor(references[1])].mean()
     assert batched[1] == pytest.approx(float(nll), abs=1e-5)
     assert batched[0] != pytest.approx(batched[1])
+
+
+def test_answers_from_the_teacher_forced_prompt_cache_equal_the_two_passes(env):
+    """The generation continues from the teacher-forced pass's keys and values (its prefill reads one token a row):
+    the same greedy answers as a generation of its own and the losses of each row alone by hand, with prompts of
+    different lengths, three adapters per row and more rows than one loss pass takes. An empty reference (scoring
+    refuses one) has no loss and leaves the others' as they were."""
+    model, tokenizer = load_model("tiny-llama")
+    names = [mora.load_adapter(model, env["adapters"]["mora"], activate=False), None,
+             mora.load_adapter(model, env["adapters"]["lora"], activate=False)]
+    model.eval()
+    questions = [("Hi?", "Paris is big."), ("A much longer question about capitals, rivers and seas?", "No."),
+                 ("Why?", "Because."), ("What is the capital of France, please?", "The capital of France is Paris.")]
+    examples = [EvalExample(i, i + 1, [{"role": "user", "content": q}], r) for i, (q, r) in enumerate(questions)]
+    assert len(examples) * len(names) > LOSS_ROWS  # the prompts' cache is gathered from several passes
+    widths = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        answers = [a for batch in answer_batches(model, tokenizer, examples, [0, 1, 2], names, 6, batch_rows=12)
+                   for a in batch]
+    finally:
+        hook.remove()
+    prompts = [render_prompt(tokenizer, e.prompt) for e in examples]
+    assert len(set(map(len, prompts))) == len(prompts) and max(map(len, prompts)) not in widths
+    assert widths.count(1) == len(widths) - 2  # two teacher-forced passes, then one token a step for every row
+    greedy = GenerationSettings(max_new_tokens=6, temperature=0.0, top_p=1.0, seed=0)
+    pairs = [(i, k) for i in range(len(examples)) for k in range(len(names))]
+    alone = list(stream_rows(model, tokenizer, [prompts[i] for i, _ in pairs], [names[k] for _, k in pairs],
+                             [greedy] * len(pairs)))[-1]
+    assert [(a.example, a.row) for a in answers] == pairs
+    assert [a.answer for a in answers] == [o.text for o in alone]
+    for answer in answers:
+        reference = tokenizer(examples[answer.example].reference, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompts[answer.example] + reference])
+        with torch.no_grad(), mora.adapters_per_row(model, [names[answer.row]]):
+            logits = model(ids).logits[0, len(prompts[answer.example]) - 1:-1]
+        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(reference))
+        assert answer.scores["answer_loss"] == pytest.approx(float(nll), abs=1e-4)
+    assert len({a.scores["answer_loss"] for a in answers if a.example == 0}) == 3
+    references = [tokenizer(e.reference, add_special_tokens=False)["input_ids"] for e in examples]
+    losses, cache = losses_and_prompt_cache(model, prompts, references[:2] + [[]] + references[3:], [names[0]] * 4,
+                                            tokenizer.pad_token_id)
+    assert math.isnan(losses[2]) and cache.get_seq_length() == max(map(len, prompts)) - 1
+    assert [losses[i] for i in (0, 1, 3)] == pytest.approx([answers[i * 3].scores["answer_loss"] for i in (0, 1, 3)],
+                                                           abs=1e-4)
 
 
 def test_every_row_answers_every_prompt_in_one_pass_as_it_would_alone(env):
