@@ -36,6 +36,7 @@ from workers.settings import chat_time_limit_s
 log = logging.getLogger(__name__)
 
 MAX_MESSAGES = 256
+DRAIN_FACTOR = 16  # a refused body is read and dropped up to this many times the limit, so its sender sees the 413
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat's default is the worker's (256)
@@ -74,6 +75,20 @@ def _refusal(update: dict[str, Any]) -> APIError:
         return APIError(503, update.get("error") or "the chat worker sent no answer", "server_error",
                         code="worker_unavailable", headers={"Retry-After": "5"})
     return APIError(STATUS_OF.get(kind, 500), update["error"], kind, extra.get("param"), extra.get("code"))
+
+
+async def _discard_rest(request: Request, budget: int) -> None:
+    """Reads and drops what is left of a refused body, up to `budget` bytes, before the 413 is sent.
+
+    A server that answers without reading closes a socket with unread data, which the kernel turns into a reset:
+    the client, still sending, gets a broken connection instead of the 413 that says what to change. Draining a
+    bounded amount (memory stays one chunk) lets an ordinary oversized request read its answer; beyond the budget
+    the connection is dropped as before.
+    """
+    async for chunk in request.stream():
+        budget -= len(chunk)
+        if budget <= 0:
+            return
 
 
 def _is_loopback(host: str) -> bool:
@@ -288,12 +303,14 @@ class OpenAIAPI:
         limit = self.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
+            await _discard_rest(request, DRAIN_FACTOR * limit)
             raise APIError(413, f"the request body is {int(declared):,} bytes; at most {limit:,} "
                                 "(MORA_API_MAX_BODY_KB)")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
+                await _discard_rest(request, DRAIN_FACTOR * limit - size)
                 raise APIError(413, f"the request body is over {limit:,} bytes (MORA_API_MAX_BODY_KB)")
             chunks.append(chunk)
         try:

@@ -201,7 +201,10 @@ def test_refusals_come_in_openai_shape_with_their_status(studio):
     assert several.value.param == "n"
 
     assert _status(f"{url}/chat/completions", KEY, data=b"{not json") == 400
+    # too large, declared or sent in chunks: the sender reads a 413 (the rest is drained), not a reset connection
     assert _status(f"{url}/chat/completions", KEY, data=b"x" * (1024 * 1024 + 1)) == 413
+    assert _status(f"{url}/chat/completions", KEY, data=b"x" * (4 * 1024 * 1024)) == 413
+    assert _status(f"{url}/chat/completions", KEY, data=iter([b"x" * 65536] * 40)) == 413
     assert _status(f"{url}/embeddings", KEY, data=b"{}") == 404
     # a page of another site cannot drive the API from the user's browser (the studio's Host and Origin checks)
     assert _status(f"{url}/chat/completions", KEY, data=b"{}", headers={"Origin": "http://evil.example"}) == 403
