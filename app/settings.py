@@ -7,7 +7,8 @@ from typing import Optional
 
 # The data folder and the runs folder are read where they are defined; the app's modules find them here too.
 from storage.settings import data_dir
-from workers.settings import SettingError, positive_int, runs_dir  # noqa: F401 (runs_dir: for the app's modules)
+from workers.settings import (SettingError, heartbeat_ttl_s, positive_int,  # noqa: F401 (runs_dir: for the app's modules)
+                              runs_dir, worker_lost_after_s)
 
 
 def host() -> str:
@@ -86,3 +87,11 @@ def api_max_body_kb() -> int:
 def api_max_pending() -> int:
     """MORA_API_MAX_PENDING (default 64): the most API requests the web process follows at once; past it, 429."""
     return positive_int("MORA_API_MAX_PENDING", 64, maximum=4096)
+
+
+def check_web() -> None:
+    """Reads every web setting once, so that a bad one is refused in about a second, before Gradio's two seconds of
+    imports (and before `up` starts anything); each reader raises SettingError naming its variable."""
+    for reader in (host, port, auth, max_upload_mb, allowed_hosts, upload_cache_s, api_keys, api_max_body_kb,
+                   api_max_pending, worker_lost_after_s, heartbeat_ttl_s):  # the last: `up` hands it to its workers
+        reader()

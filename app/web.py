@@ -11,6 +11,7 @@ log = logging.getLogger(__name__)
 
 def serve(prevent_thread_lock: bool = False):
     """Start the collector and the web app on MORA_HOST:MORA_PORT; returns the app when not blocking (tests)."""
+    settings.check_web()
     from starlette.middleware import Middleware
 
     from app.openai_api import OpenAIAPI

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
     ("MORA_MAX_UPLOAD_MB", "0", ["web"], "MORA_MAX_UPLOAD_MB must be a positive whole number, found '0'"),
     ("MORA_API_KEYS", "short", ["web"], "MORA_API_KEYS: each key must be at least 8 printable ASCII characters"),
     ("MORA_API_MAX_PENDING", "-1", ["web"], "MORA_API_MAX_PENDING must be a positive whole number, found '-1'"),
+    ("MORA_WORKER_LOST_AFTER_S", "0", ["web"], "MORA_WORKER_LOST_AFTER_S must be between 1 and 3600 seconds"),
+    ("MORA_HEARTBEAT_TTL_S", "fast", ["up"], "MORA_HEARTBEAT_TTL_S must be a number of seconds, found 'fast'"),
 ])
 def test_a_bad_setting_is_one_line(tmp_path, variable, value, command, expected):
     env = {**os.environ, "MORA_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", variable: value,
