@@ -30,6 +30,8 @@ ENVIRONMENT = """environment:
   MORA_API_MAX_PENDING   most API requests followed at once; past it, 429 (default: 64)
   MORA_SERVE_WINDOW_MS   a chat worker collects API requests until none came for this long (default: 30)
   MORA_SERVE_MAX_BATCH   most API requests in one batched generation (default: 16)
+  MORA_HEARTBEAT_TTL_S   how long a running job's heartbeat outlives its last beat, in seconds (default: 15)
+  MORA_WORKER_LOST_AFTER_S  seconds without a heartbeat before a run is marked 'worker lost' (default: 15)
 """
 
 

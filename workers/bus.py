@@ -8,6 +8,7 @@ events idempotently, so a replay adds nothing twice.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -16,12 +17,11 @@ from typing import Any, Optional
 import redis
 
 from workers.celery_app import QUEUES
+from workers.settings import heartbeat_every_s, heartbeat_ttl_s
 
 STREAM_MAXLEN = 100_000
 STATE_TTL_S = 30 * 24 * 3600
 FINISHED_STREAM_TTL_S = 24 * 3600  # a finished run's stream, kept a day for a late reader, then gone
-HEARTBEAT_TTL_S = 15
-HEARTBEAT_EVERY_S = 5
 WORKER_TTL_S = 30
 CHAT_STREAM_MAXLEN = 1_000  # each entry is a whole snapshot, so a reader that falls behind loses nothing by trimming
 CHAT_TTL_S = 3600
@@ -179,10 +179,10 @@ class Heartbeat:
     def _beat(self) -> None:
         while not self._stop.is_set():
             try:
-                self.client.set(heartbeat_key(self.run_id), self.worker, ex=HEARTBEAT_TTL_S)
+                self.client.set(heartbeat_key(self.run_id), self.worker, ex=math.ceil(heartbeat_ttl_s()))
             except redis.RedisError:
                 pass  # Redis restarting: the next beat recreates the key
-            self._stop.wait(HEARTBEAT_EVERY_S)
+            self._stop.wait(heartbeat_every_s())
 
 
 def heartbeat_alive(client: redis.Redis, run_id: str) -> bool:

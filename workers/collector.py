@@ -20,13 +20,10 @@ import redis
 from storage.repo import TERMINAL_STATUSES, InvalidTransition, NotFound, Store
 from workers import bus
 from workers.eval_metrics import METRICS, curve_name
+from workers.settings import worker_lost_after_s
 
 log = logging.getLogger(__name__)
 
-LOST_AFTER_S = 15.0
-"""How long a running run's heartbeat must stay missing before its worker counts as lost. The key itself outlives the
-last beat by `bus.HEARTBEAT_TTL_S` (15 s), so a dead worker's run is marked about 15 + 15 s (+ one 5 s check) after
-it died; a Redis restart, after which a live worker recreates its key within one beat (5 s), is never mistaken."""
 
 STEP_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mb")
 # eval_loss from the eval split; char_accuracy and exact_match from a memorisation probe (workers.memorize); gen_*
@@ -35,14 +32,16 @@ EVAL_METRICS = ("eval_loss", "char_accuracy", "exact_match", *(curve_name(metric
 
 
 class Collector:
-    def __init__(self, store: Store, redis_url: str | None, block_ms: int = 200, lost_after_s: float = LOST_AFTER_S,
+    def __init__(self, store: Store, redis_url: str | None, block_ms: int = 200, lost_after_s: float | None = None,
                  lost_check_every_s: float = 5.0) -> None:
         """`redis_url` None: no bus, and only `apply` works; `mora-studio bench memorize --local` stores the events of
         run folders this way."""
         self.store = store
         self.client = bus.connect(redis_url) if redis_url else None
         self.block_ms = block_ms
-        self.lost_after_s = lost_after_s
+        # the heartbeat key outlives the last beat by MORA_HEARTBEAT_TTL_S (15 s), so a dead worker's run is marked
+        # about 15 + 15 s (+ one check) after it died; a live worker recreates its key within a beat of a Redis restart
+        self.lost_after_s = worker_lost_after_s() if lost_after_s is None else lost_after_s
         self.lost_check_every_s = lost_check_every_s
         self._missing_since: dict[str, float] = {}
         self._positions: dict[str, str] = {}

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from pathlib import Path
@@ -22,7 +23,7 @@ from workers import bus, distributed
 from workers.celery_app import TRAIN_QUEUE
 from workers.events import EventPublisher, JsonlSink
 from workers.formatting import format_bytes
-from workers.settings import train_memory_limit_gb, worker_gpus
+from workers.settings import heartbeat_ttl_s, train_memory_limit_gb, worker_gpus
 from workers.train_config import TrainConfig
 from storage.statuses import TERMINAL_STATUSES
 from workers.job_process import JobExit, killed_message, run_in_child
@@ -50,7 +51,7 @@ def run_queued_training(url: str, run_id: str, config: dict[str, Any], run_dir: 
         publisher.status("cancelled", "cancelled before it started")
         bus.set_state(client, run_id, "cancelled")
         return "cancelled"
-    if not client.set(bus.heartbeat_key(run_id), worker, nx=True, ex=bus.HEARTBEAT_TTL_S):
+    if not client.set(bus.heartbeat_key(run_id), worker, nx=True, ex=math.ceil(heartbeat_ttl_s())):
         return "running"  # another worker holds it (the task was sent again after a Redis restart): never train twice
     bus.set_state(client, run_id, "running")
     checkpoint = latest_checkpoint(Path(resume_from)) if resume_from else None

@@ -81,6 +81,23 @@ def chat_time_limit_s() -> float:
     return bounded_number("MORA_CHAT_TIME_LIMIT_S", 300, 1, 86_400, "seconds")
 
 
+def heartbeat_ttl_s() -> float:
+    """MORA_HEARTBEAT_TTL_S (default 15): how long a running job's heartbeat key outlives its last beat; a job beats
+    every third of it. A killed worker's run is marked lost about this plus MORA_WORKER_LOST_AFTER_S after it died."""
+    return bounded_number("MORA_HEARTBEAT_TTL_S", 15, 3, 600, "seconds")
+
+
+def heartbeat_every_s() -> float:
+    return heartbeat_ttl_s() / 3
+
+
+def worker_lost_after_s() -> float:
+    """MORA_WORKER_LOST_AFTER_S (default 15): how long the web process waits, once a running run's heartbeat key is
+    gone, before it marks the run 'worker lost'. Keep it above one beat (MORA_HEARTBEAT_TTL_S / 3): after a Redis
+    restart a live worker needs one beat to recreate its key. Lower both for quicker notice of a dead worker."""
+    return bounded_number("MORA_WORKER_LOST_AFTER_S", 15, 1, 3600, "seconds")
+
+
 def bounded_number(name: str, default: float | None, low: float, high: float, unit: str) -> float | None:
     """The number in environment variable `name` (`default` when unset or blank), from `low` to `high` `unit`."""
     raw = os.environ.get(name, "").strip()

@@ -64,9 +64,13 @@ class QueueWorld:
         self.store.close()
 
 
+HEARTBEAT_TTL_S = 5  # the workers' heartbeat here (default 15): a killed worker's run is noticed 10 s sooner
+
+
 def make_world(root: Path, tiny_model_dir: Path) -> QueueWorld:
     redis = EmbeddedRedis().start()
     env = {**os.environ, "REDIS_URL": redis.url, "MORA_DATA_DIR": str(root / "data"),
+           "MORA_HEARTBEAT_TTL_S": str(HEARTBEAT_TTL_S),
            "MORA_MODELS_DIR": str(Path(tiny_model_dir).parent), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     os.environ["REDIS_URL"] = redis.url  # the service sends jobs to the Redis named here

@@ -9,7 +9,7 @@ import pytest
 from app.service import ServiceError, StudioService
 from storage.repo import TERMINAL_STATUSES
 from workers import bus
-from tests.workers.queue_harness import tiny_run_config, wait_for
+from tests.workers.queue_harness import HEARTBEAT_TTL_S, tiny_run_config, wait_for
 from workers.events import read_events
 
 
@@ -116,7 +116,7 @@ def test_sigkill_worker_mid_run_marks_it_lost_then_resume_completes(world, tmp_p
 def test_redis_restart_mid_run_loses_no_metric_point(world, tmp_path):
     world.start_worker()
     # the worker recreates its heartbeat within one beat of the restart; a threshold under one beat would call it lost
-    world.start_collector(lost_after_s=2 * bus.HEARTBEAT_EVERY_S)
+    world.start_collector(lost_after_s=2 * HEARTBEAT_TTL_S / 3)
     service = _service(world)
     run = service.submit(tiny_run_config(tmp_path, max_steps=300), name="through a restart")
     wait_for(lambda: (world.store.get_run(run.id).step or 0) >= 20, 120, "the run to pass step 20")
