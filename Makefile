@@ -33,8 +33,12 @@ $(SYSTEM_STAMP): | $(STAMP)
 	fi
 	touch $(SYSTEM_STAMP)
 
+# Two test processes, each taking whole files (module fixtures such as a running studio are built once): the suite
+# waits on real processes much of the time, so two keep a 2-core machine busy. TEST_WORKERS=0 runs it in one.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(SYSTEM_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
