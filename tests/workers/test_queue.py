@@ -8,7 +8,6 @@ import pytest
 
 from app.service import ServiceError, StudioService
 from storage.repo import TERMINAL_STATUSES
-from workers import bus
 from tests.workers.queue_harness import HEARTBEAT_TTL_S, tiny_run_config, wait_for
 from workers.events import read_events
 
