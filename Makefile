@@ -38,7 +38,7 @@ $(SYSTEM_STAMP): | $(STAMP)
 TEST_WORKERS ?= 2
 
 test: $(STAMP) $(SYSTEM_STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
