@@ -1,4 +1,5 @@
 """Streaming, batched generation with one adapter per row on the tiny model (shapes and equivalences, never text)."""
+import contextlib
 import threading
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mora
+from workers import generation
 from workers.generation import GenerationSettings, LengthError, check_lengths, reply, stream_chat
 
 GREEDY = GenerationSettings(max_new_tokens=8, temperature=0.0)
@@ -73,17 +75,39 @@ def test_a_stop_takes_effect_within_a_token_and_keeps_the_text(model_and_tokeniz
     assert full[-1][0].startswith(stopped[-1][0])
 
 
-def test_closing_the_stream_stops_the_generation(model_and_tokenizer):
+def test_closing_the_stream_stops_the_generation(model_and_tokenizer, monkeypatch):
+    """generate runs beside its reader in the reader's own thread (no second OpenMP pool): closing the stream unwinds
+    it there and then, its adapters restored, and grad mode never leaks between the two sides."""
     model, tokenizer = model_and_tokenizer
-    before = {thread.ident for thread in threading.enumerate()}
-    stream = stream_chat(model, tokenizer, [[{"role": "user", "content": "Hi"}]], [None],
-                         GenerationSettings(max_new_tokens=200, temperature=1.0, seed=0))
-    next(stream)
-    started = [t for t in threading.enumerate() if t.ident not in before]
-    assert len(started) == 1
-    stream.close()
-    started[0].join(timeout=5)
-    assert not started[0].is_alive(), "the generation thread must end when nobody reads its tokens"
+    entered, exited, steps = [], [], []
+    real = generation.mora.adapters_per_row
+
+    @contextlib.contextmanager
+    def recorded(*args, **kwargs):
+        entered.append(True)
+        try:
+            with real(*args, **kwargs):
+                yield
+        finally:
+            exited.append(True)
+
+    monkeypatch.setattr(generation.mora, "adapters_per_row", recorded)
+    hook = model.register_forward_hook(lambda *_: steps.append(torch.is_grad_enabled()))
+    threads_before = threading.active_count()
+    try:
+        stream = stream_chat(model, tokenizer, [[{"role": "user", "content": "Hi"}]], [None],
+                             GenerationSettings(max_new_tokens=200, temperature=1.0, seed=0))
+        next(stream)
+        next(stream)
+        assert threading.active_count() == threads_before  # no thread of its own
+        assert torch.is_grad_enabled()  # the reader's grad mode, although generate runs under no_grad
+        assert entered and not exited
+        taken = len(steps)
+        stream.close()
+    finally:
+        hook.remove()
+    assert exited, "closing the stream must end the generation and restore the adapters"
+    assert len(steps) == taken and not any(steps)  # nothing ran after the close; every step without grad
 
 
 def test_lengths_past_the_context_are_refused_with_the_numbers():
