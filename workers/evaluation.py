@@ -23,6 +23,7 @@ Importing this module loads no torch: the web process checks an evaluation's req
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -402,11 +403,19 @@ def run_evaluation(engine, request: EvalRequest, on_examples: Callable[[list[Eva
         return resident, [engine.adapter(resident, Path(chat_rows[i].adapter_path), chat_rows[i].label, keep=keep)
                           if chat_rows[i].adapter_path else None for i in group.rows]
 
+    def check_lengths() -> None:  # every prompt must fit every model before anything is generated
+        for group in plan:
+            resident, _ = loaded(group)
+            prepare(resident.tokenizer, examples, request.max_new_tokens, resident.model)
+
+    def answer(batch, group) -> list[Answer]:
+        resident, adapters = loaded(group)
+        return [answer for answers in answer_batches(resident.model, resident.tokenizer, batch, group.rows,
+                                                     adapters, request.max_new_tokens, batch_rows)
+                for answer in answers]
+
     try:
-        with engine.lock:
-            for group in plan:  # every prompt must fit every model before anything is generated
-                resident, _ = loaded(group)
-                prepare(resident.tokenizer, examples, request.max_new_tokens, resident.model)
+        engine.turns.run(check_lengths)
         on_examples(examples)
         result = EvalResult(examples)
         for start in range(0, len(examples), per_batch):
@@ -414,12 +423,8 @@ def run_evaluation(engine, request: EvalRequest, on_examples: Callable[[list[Eva
                 result.stopped = True
                 break
             batch = examples[start:start + per_batch]
-            for group in plan:
-                with engine.lock:  # a chat answer of another thread waits for this batch only
-                    resident, adapters = loaded(group)
-                    for answers in answer_batches(resident.model, resident.tokenizer, batch, group.rows, adapters,
-                                                  request.max_new_tokens, batch_rows):
-                        result.answers += answers
+            for group in plan:  # a turn per batch: a chat answer of another job waits for this batch only
+                result.answers += engine.turns.run(functools.partial(answer, batch, group))
             on_answers([a for a in result.answers if start <= a.example < start + len(batch)], start + len(batch))
     except ChatError as error:
         raise EvalError(str(error)) from None

@@ -36,7 +36,7 @@ class WorkerSpec:
     """The GPU indices the worker owns, comma-separated (`0,1,2,3`), or None on the CPU."""
     slots: int = 1
     """Jobs it runs at once: a training worker owning N GPUs runs up to N, lending them per job (DevicePool); a chat
-    worker runs CHAT_SLOTS, which share its models and take turns on them (workers.chat.FairLock)."""
+    worker runs CHAT_SLOTS, which share its models and take turns on them (workers.chat.ModelTurns: one thread, first come first served)."""
 
 
 CHAT_SLOTS = 2

@@ -197,9 +197,11 @@ class Server:
                 continue
             request.send("", state="taken")
             requests.append(request)
-        with self.engine.lock:
+        def answer_all() -> None:
             for batch in self._batches(requests):
                 self._answer_batch(batch)
+
+        self.engine.turns.run(answer_all)
 
     def _batches(self, requests: list[ServeRequest]) -> list[_Batch]:
         """Requests grouped by model; those naming a model or adapter that is not there are answered at once."""

@@ -308,30 +308,39 @@ def test_the_web_side_api_imports_no_torch():
     assert result.stdout.split() == ["False", "False"]
 
 
-def test_the_engine_lock_serves_in_the_order_asked():
-    """A job that takes the lock again at once (an evaluation, batch after batch) lets one that asked meanwhile in
-    first (a plain lock may hand it straight back)."""
+def test_model_turns_serve_in_the_order_asked_on_one_thread():
+    """A job that asks for a turn again at once (an evaluation, batch after batch) lets one that asked meanwhile in
+    first, and every turn runs on the same one thread, whichever job asked (one OpenMP pool for the models)."""
     import threading
     import time
 
-    from workers.chat import FairLock
+    from workers.chat import ModelTurns
 
-    lock, order, asked = FairLock(), [], threading.Event()
+    turns, order, threads = ModelTurns(), [], set()
+    batch_running, release = threading.Event(), threading.Event()
 
-    def chat() -> None:
-        asked.set()
-        with lock:
-            order.append("chat")
+    def turn(name: str, hold: bool = False):
+        def job():
+            threads.add(threading.get_ident())
+            if hold:
+                batch_running.set()
+                release.wait(10)  # batch 1 holds its turn until the chat has asked for one
+            order.append(name)
+            return name
+        return job
 
-    with lock:
-        order.append("batch 1")
-        other = threading.Thread(target=chat)
-        other.start()
-        asked.wait(10)
-        deadline = time.monotonic() + 10
-        while lock._next_ticket < 2 and time.monotonic() < deadline:
-            pass  # until the chat has taken its ticket and waits for its turn
-    with lock:
-        order.append("batch 2")
-    other.join(10)
+    evaluation = threading.Thread(target=lambda: [turns.run(turn("batch 1", hold=True)), turns.run(turn("batch 2"))])
+    evaluation.start()
+    assert batch_running.wait(10)
+    chat = threading.Thread(target=lambda: turns.run(turn("chat")))
+    chat.start()
+    deadline = time.monotonic() + 10
+    while turns._thread._work_queue.qsize() < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)  # until the chat's turn is queued behind batch 1
+    release.set()
+    evaluation.join(10)
+    chat.join(10)
     assert order == ["batch 1", "chat", "batch 2"]
+    assert len(threads) == 1 and threading.get_ident() not in threads
+    with pytest.raises(ZeroDivisionError):
+        turns.run(lambda: 1 / 0)  # the job's error reaches the job that asked

@@ -98,7 +98,7 @@ def test_refusals_are_messages_and_nothing_is_recorded(world):
 
 
 def test_a_chat_sent_during_an_evaluation_is_answered_before_it_ends(world):
-    """The chat worker runs two jobs that take turns on its models, first come first served (workers.chat.FairLock):
+    """The chat worker runs two jobs that take turns on its models, first come first served (workers.chat.ModelTurns):
     a chat waits for the evaluation's current batch, not for the whole evaluation."""
     data = world.root / "many-prompts.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say the number {i}."},
