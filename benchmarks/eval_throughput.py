@@ -3,17 +3,18 @@
 runs it) against the same 4 adapters evaluated one after another (each adapter's prompts in batches of their own).
 Both include the teacher-forced answer-loss pass and the scoring, as an evaluation does.
 
-    python benchmarks/eval_throughput.py [--model FOLDER] [--prompts 8] [--tokens 32] [--repeats 2]
+    python benchmarks/eval_throughput.py [--model FOLDER] [--prompts 8] [--tokens 32] [--repeats 3]
 
 Without --model it uses the default model (SmolLM2-135M-Instruct, converted on first use). The adapters are random
 MoRA r=8 adapters (the speed does not depend on what they learned). Answers are cut at `--tokens`; an answer that
-ends earlier (its end token) ends its row, as in an evaluation.
+ends earlier (its end token) ends its row, as in an evaluation. The two sides run interleaved (together, one after
+another, together, ...), each side's figure is its best repeat, and the ratio is printed with the lowest and highest
+of the repeats' own ratios, the machine and its load.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import mora  # noqa: E402
+from benchmarks.arithmetic import load, machine  # noqa: E402
 from workers.evaluation import EvalExample, answer_batches  # noqa: E402
 from workers.model_loading import load_model  # noqa: E402
 
@@ -58,7 +60,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a model folder (default: the default model)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-rows", type=int, default=32, help="rows per batched generate (the CPU default)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -77,23 +79,30 @@ def main() -> None:
             model, tokenizer, examples, [0], [name], args.tokens, args.batch_rows))
 
     together()  # warm-up: first-call allocations and kernels
+    load_before = load()
+    runs = (("4 adapters together", together), ("one after another", one_after_another))
+    times: dict[str, list[float]] = {label: [] for label, _ in runs}
+    answers: dict[str, int] = {}
+    for _ in range(args.repeats):  # interleaved, so a slow spell of a shared machine hits both sides alike
+        for label, run in runs:
+            seconds, answers[label] = _timed(run)
+            times[label].append(seconds)
     results = {}
-    for label, run in (("4 adapters together", together), ("one after another", one_after_another)):
-        times, answers = [], 0
-        for _ in range(args.repeats):
-            seconds, answers = _timed(run)
-            times.append(seconds)
-        best = min(times)
-        results[label] = {"answers": answers, "seconds": [round(t, 2) for t in times],
-                          "answers_per_second": round(answers / best, 2)}
-        print(f"{label}: {answers} answers in {statistics.median(times):.1f} s (best {best:.1f} s) = "
-              f"{answers / best:.2f} answers/s", flush=True)
-    ratio = results["4 adapters together"]["answers_per_second"] / results["one after another"]["answers_per_second"]
-    print(f"together / one after another: {ratio:.2f}x")
+    for label, _ in runs:
+        best = min(times[label])
+        results[label] = {"answers": answers[label], "seconds": [round(t, 2) for t in times[label]],
+                          "answers_per_second": round(answers[label] / best, 2)}
+        print(f"{label}: {answers[label]} answers in {statistics.median(times[label]):.1f} s "
+              f"(best {best:.1f} s) = {answers[label] / best:.2f} answers/s", flush=True)
+    together_rate, separate_rate = (results[label]["answers_per_second"] for label, _ in runs)
+    ratio = together_rate / separate_rate
+    rounds = [s / t for t, s in zip(*times.values())]  # each round's own ratio (equal answer counts per side)
+    print(f"together / one after another: {ratio:.2f}x (rounds {min(rounds):.2f}-{max(rounds):.2f}x); "
+          f"{machine()}; {load_before} before, {load()} after")
     print(json.dumps({"model": str(args.model or "default (SmolLM2-135M-Instruct)"), "prompts": args.prompts,
                       "tokens": args.tokens, "batch_rows": args.batch_rows, "threads": torch.get_num_threads(),
-                      "machine": platform.processor() or platform.machine(), "results": results,
-                      "ratio": round(ratio, 2)}, indent=2))
+                      "machine": machine(), "results": results,
+                      "ratio": round(ratio, 2), "round_ratios": [round(r, 2) for r in rounds]}, indent=2))
 
 
 if __name__ == "__main__":

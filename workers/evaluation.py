@@ -48,9 +48,13 @@ MAX_REFERENCE_CHARS = 32_000
 DEFAULT_BATCH_ROWS = 32
 """Generated rows per batched `generate` on a CPU (examples × rows); a GPU takes 256."""
 EXAMPLES_PER_EVENT = 50
-LOSS_ROWS = 8
-"""Rows per teacher-forced forward pass: its logits are rows × answer length × vocabulary. The prompts' keys and values
-are gathered from the passes into one cache for all the batch's rows, the cache the generation's prefill would build."""
+LOSS_ROWS = 32
+"""Most rows per teacher-forced forward pass. The prompts' keys and values are gathered from the passes into one cache
+for all the batch's rows, the cache the generation's prefill would build."""
+LOSS_LOGITS = 16_000_000
+"""Most logits one teacher-forced pass keeps (rows × (answer length + 1) × vocabulary: 64 MB in float32), so long
+references take fewer rows a pass (down to one) and short ones share a pass (a few wide passes run faster than many
+narrow ones: 32 SmolLM2 rows of 17 tokens in one pass 1.5-1.9 s, in four 2.1-2.6 s)."""
 
 Message = dict[str, str]
 
@@ -186,45 +190,119 @@ def answer_losses(model, prompts: Sequence[Sequence[int]], references: Sequence[
                   adapters: Sequence[Optional[str]], pad_token_id: int) -> list[float]:
     """Each reference's mean negative log-likelihood per token after its prompt (teacher forcing), row i with
     `adapters[i]` (`losses_and_prompt_cache` without keeping the prompts' cache)."""
-    return losses_and_prompt_cache(model, prompts, references, adapters, pad_token_id, keep_cache=False)[0]
+    return losses_and_prompt_cache(model, prompts, references, adapters, pad_token_id, keep_cache=False).losses
+
+
+@dataclass
+class PromptPass:
+    """What the teacher-forced pass gives: each reference's loss, and the prompts' keys and values for
+    `stream_rows(cache=..., shared_prefix=...)` (None when the model's cache cannot be cut back to them), laid out
+    with each row's padding after the `shared_prefix` tokens every prompt starts with."""
+
+    losses: list[float]
+    cache: Any = None
+    shared_prefix: int = 0
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each at least one of its own (the token a generation
+    that continues from the cache reads)."""
+    shortest = min(len(p) for p in prompts)
+    length = 0
+    while length < shortest - 1 and all(p[length] == prompts[0][length] for p in prompts):
+        length += 1
+    return length
+
+
+def _plain_cache(cache) -> bool:
+    """A cache of plain full-attention layers, whose keys and values can be copied, gathered and cut back."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer and layer.is_initialized
+                                               for layer in cache.layers)
+
+
+def _prefix_cache(model, prefix: Sequence[int], adapters: Sequence[Optional[str]], device):
+    """The shared prefix's keys and values, one forward row per distinct adapter (not one per prompt), and for each
+    row of `adapters` the index of its adapter's row; None when the model's cache is not a plain one."""
+    import torch
+
+    import mora
+
+    distinct = list(dict.fromkeys(adapters))
+    ids = torch.tensor([list(prefix)] * len(distinct), device=device)
+    with torch.no_grad(), mora.adapters_per_row(model, distinct):
+        output = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = getattr(output, "cache", None)
+    if not _plain_cache(cache):
+        return None
+    return cache, torch.tensor([distinct.index(a) for a in adapters], device=device)
+
+
+def _loss_passes(references: Sequence[Sequence[int]], vocabulary: int) -> Iterator[range]:
+    """Consecutive rows per teacher-forced pass: at most `LOSS_ROWS`, and at most `LOSS_LOGITS` kept logits unless a
+    single row needs more."""
+    first = 0
+    while first < len(references):
+        last, width = first + 1, len(references[first]) + 1
+        while (last < len(references) and last - first < LOSS_ROWS
+               and (last - first + 1) * max(width, len(references[last]) + 1) * vocabulary <= LOSS_LOGITS):
+            width = max(width, len(references[last]) + 1)
+            last += 1
+        yield range(first, last)
+        first = last
 
 
 def losses_and_prompt_cache(model, prompts: Sequence[Sequence[int]], references: Sequence[Sequence[int]],
-                   adapters: Sequence[Optional[str]], pad_token_id: int, keep_cache: bool = True,
-                   ) -> tuple[list[float], Any]:
+                            adapters: Sequence[Optional[str]], pad_token_id: int, keep_cache: bool = True,
+                            ) -> PromptPass:
     """Each reference's mean negative log-likelihood per token after its prompt (teacher forcing, nan for an empty
-    reference), row i with `adapters[i]`, `LOSS_ROWS` rows a forward pass; and, with `keep_cache`, the prompts' keys
-    and values for `stream_rows(cache=...)`, or None when the model's cache cannot be cut back to them.
+    reference), row i with `adapters[i]`, as many rows a forward pass as `_loss_passes` gives; and, with `keep_cache`,
+    the prompts' keys and values for `stream_rows(cache=...)`.
 
-    A row is [left padding][prompt][reference][right padding], the prompts left-padded to the widest one (width P),
-    positions counted from each row's first real token, so only the last positions' logits are computed. By
-    causality the first P - 1 positions are exactly a batched generation's prefill of the left-padded prompts: their
-    keys and values, gathered for all rows, let the generation read only each prompt's last token. A cache of
-    sliding-window or linear-attention layers (or any other kind than plain full attention) is not cut, nor is one
-    whose model generates with a cache of its own kind (`cache_implementation`): the generation prefills itself."""
+    A row is [shared prefix][padding][rest of the prompt][reference][right padding], the prompts padded to the widest
+    one (width P), positions counted from each row's real tokens, so only the last positions' logits are computed. The
+    prefix every prompt starts with (a chat template's system prompt) is read once per adapter, not once per prompt,
+    and its keys and values copied to that adapter's rows. By causality the first P - 1 positions are exactly a batched
+    generation's prefill of the prompts in that layout: their keys and values, gathered for all rows, let the
+    generation read only each prompt's last token. A cache of sliding-window or linear-attention layers (or any other
+    kind than plain full attention) is neither shared nor cut, nor is one whose model generates with a cache of its own
+    kind (`cache_implementation`): the generation prefills itself."""
     import torch
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     import mora
 
     device = next(model.parameters()).device
     prompt_width = max(len(p) for p in prompts)
     keep_cache = keep_cache and getattr(model.generation_config, "cache_implementation", None) is None
+    shared = shared_prefix_length(prompts) if len(set(adapters)) < len(prompts) else 0
+    prefix = _prefix_cache(model, prompts[0][:shared], adapters, device) if shared else None
+    if prefix is None:
+        shared = 0
     cache = None
     losses = []
-    for first in range(0, len(prompts), LOSS_ROWS):
-        rows = range(first, min(first + LOSS_ROWS, len(prompts)))
-        answer_width = max(len(references[i]) for i in rows)
-        input_ids = torch.tensor([[pad_token_id] * (prompt_width - len(prompts[i])) + list(prompts[i])
-                                  + list(references[i]) + [pad_token_id] * (answer_width - len(references[i]))
-                                  for i in rows], device=device)
-        mask = torch.tensor([[0] * (prompt_width - len(prompts[i])) + [1] * (len(prompts[i]) + len(references[i]))
-                             + [0] * (answer_width - len(references[i])) for i in rows], device=device)
+    for rows in _loss_passes(references, model.config.get_text_config().vocab_size):
+        first, answer_width = rows.start, max(len(references[i]) for i in rows)
+        ids, mask = [], []
+        for i in rows:
+            padding = prompt_width - len(prompts[i])
+            ids.append(list(prompts[i][:shared]) + [pad_token_id] * padding + list(prompts[i][shared:])
+                       + list(references[i]) + [pad_token_id] * (answer_width - len(references[i])))
+            mask.append([1] * shared + [0] * padding + [1] * (len(prompts[i]) - shared + len(references[i]))
+                        + [0] * (answer_width - len(references[i])))
+        input_ids, mask = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        past = None
+        if prefix is not None:  # this pass's rows start from their adapters' prefix
+            prefix_cache, which = prefix
+            past = DynamicCache(ddp_cache_data=(
+                (keys[which[first:first + len(rows)]], values[which[first:first + len(rows)]])
+                for keys, values, _ in prefix_cache))
         with torch.no_grad(), mora.adapters_per_row(model, [adapters[i] for i in rows]):
-            output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=keep_cache,
-                           logits_to_keep=answer_width + 1)
+            output = model(input_ids=input_ids[:, shared:], attention_mask=mask, position_ids=positions[:, shared:],
+                           cache=past, use_cache=keep_cache or past is not None, logits_to_keep=answer_width + 1)
         # the kept logits start at position prompt_width - 1, the prompt's last: logits[:, j] predicts reference token j
         logits = output.logits.float()
         for row, i in enumerate(rows):
@@ -234,11 +312,10 @@ def losses_and_prompt_cache(model, prompts: Sequence[Sequence[int]], references:
             target = torch.tensor(references[i], device=device)
             losses.append(float(torch.nn.functional.cross_entropy(logits[row, :len(references[i])], target)))
         chunk = getattr(output, "cache", None)
-        del output, logits  # not held through the next pass
+        del output, logits, past  # not held through the next pass
         if not keep_cache:
             continue
-        if type(chunk) is not DynamicCache or not all(type(layer) is DynamicLayer and layer.is_initialized
-                                                      for layer in chunk.layers):
+        if not _plain_cache(chunk):
             keep_cache, cache = False, None
             continue
         if cache is None:  # one layer allocated at a time (a generator), so the cache is never held twice
@@ -249,7 +326,7 @@ def losses_and_prompt_cache(model, prompts: Sequence[Sequence[int]], references:
         for (keys, values, _), (chunk_keys, chunk_values, _) in zip(cache, chunk):
             keys[first:first + len(rows)] = chunk_keys[:, :, :prompt_width - 1]
             values[first:first + len(rows)] = chunk_values[:, :, :prompt_width - 1]
-    return losses, cache
+    return PromptPass(losses, cache, shared if cache is not None else 0)
 
 
 def answer_batches(model, tokenizer, examples: Sequence[EvalExample], rows: Sequence[int],
@@ -273,13 +350,14 @@ def answer_batches(model, tokenizer, examples: Sequence[EvalExample], rows: Sequ
             batch = range(start, min(start + per_batch, len(examples)))
             pairs = [(i, k) for i in batch for k in range(len(rows))]
             batch_prompts, batch_adapters = [prompts[i] for i, _ in pairs], [adapters[k] for _, k in pairs]
-            losses, cache = losses_and_prompt_cache(model, batch_prompts, [references[i] for i, _ in pairs],
-                                                    batch_adapters, pad)
+            prompt_pass = losses_and_prompt_cache(model, batch_prompts, [references[i] for i, _ in pairs],
+                                                  batch_adapters, pad)
             outputs = []
             for outputs in stream_rows(model, tokenizer, batch_prompts, batch_adapters, [greedy] * len(pairs),
-                                       cache=cache):
+                                       cache=prompt_pass.cache, shared_prefix=prompt_pass.shared_prefix):
                 pass
-            del cache
+            losses = prompt_pass.losses
+            del prompt_pass
             answers = []
             for (i, k), output, loss in zip(pairs, outputs, losses):
                 scores: dict[str, Optional[float]] = dict(score_answer(output.text, examples[i].reference))

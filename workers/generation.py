@@ -207,7 +207,7 @@ def stream_rows(
     model, tokenizer, prompts: Sequence[Sequence[int]], adapters: Sequence[Optional[str]],
     settings: Sequence[GenerationSettings], stops: Optional[Sequence[Sequence[str]]] = None,
     should_stop: Optional[Callable[[], bool]] = None, rows_to_end: Optional[Callable[[], Collection[int]]] = None,
-    cache=None,
+    cache=None, shared_prefix: int = 0,
 ) -> Iterator[list[RowOutput]]:
     """Generate for prompts already in tokens (lengths already checked), one batched `generate`, each row with its
     adapter, settings and stop strings; yield every row's `RowOutput` after each generated token.
@@ -215,7 +215,9 @@ def stream_rows(
     `should_stop()` ends every row; `rows_to_end()` names rows to end now (their callers left). Both are asked after
     each token. Closing the iterator stops the generation. `cache`: the keys and values of the left-padded prompts
     but their last position, already computed with the same adapters per row
-    (`workers.evaluation.losses_and_prompt_cache`); `generate` then reads only the tokens it does not hold."""
+    (`workers.evaluation.losses_and_prompt_cache`); `generate` then reads only the tokens it does not hold.
+    `shared_prefix`: the cache's rows hold their padding after the first `shared_prefix` tokens (which every prompt
+    starts with), not before them, and the prompts are laid out the same way."""
     if not len(prompts) == len(adapters) == len(settings):
         raise ValueError(f"{len(prompts)} prompts, {len(adapters)} adapter choices and {len(settings)} settings")
     for row_settings in settings:
@@ -224,8 +226,11 @@ def stream_rows(
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    cut = shared_prefix if cache is not None else 0
+    input_ids = torch.tensor([list(p[:cut]) + [pad] * (width - len(p)) + list(p[cut:]) for p in prompts],
+                             device=device)
+    attention_mask = torch.tensor([[1] * cut + [0] * (width - len(p)) + [1] * (len(p) - cut) for p in prompts],
+                                  device=device)
     streamer = _BatchStreamer(greenlet.getcurrent())
     ended: set[int] = set()  # rows the consumer saw finish, or whose caller left
     limits = [s.max_new_tokens for s in settings]

@@ -49,4 +49,18 @@ def load_model(name_or_path: Union[str, os.PathLike, None] = None, dtype: Union[
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    contiguous_head_input(model)
     return (model if quantized else model.to(device)), tokenizer  # a quantised model is placed as it loads
+
+
+def contiguous_head_input(model) -> None:
+    """Hand the output head a contiguous input.
+
+    transformers computes only the last positions' logits (`logits_to_keep`: a generation's prefill, the evaluation's
+    teacher-forced pass) from `hidden[:, -n:]`, a strided view; torch's CPU matmul then multiplies it as a batched
+    product against the head's weight expanded per row, at SmolLM2's 49,152-word head 7-10x slower than the same
+    product on a contiguous copy (32 rows: 211 against 29 ms for the last position, 604 against 56 ms for the last
+    three). The copy is a few rows of hidden state; a tensor that is already contiguous passes through untouched."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]) if args else None)

@@ -10,10 +10,12 @@ import torch
 import mora
 from tests.workers.sample_data import FACTS, write_dataset
 from tests.workers.test_chat import _save_random_adapter
+from workers import evaluation
 from workers.chat import ChatEngine
 from workers.data import _held_out
-from workers.evaluation import (LOSS_ROWS, Answer, EvalError, EvalExample, EvalRequest, EvalSource, answer_batches,
-                                answer_losses, losses_and_prompt_cache, read_examples, run_evaluation, summarize)
+from workers.evaluation import (Answer, EvalError, EvalExample, EvalRequest, EvalSource, answer_batches,
+                                answer_losses, losses_and_prompt_cache, read_examples, run_evaluation,
+                                shared_prefix_length, summarize)
 from workers.generation import GenerationSettings, render_prompt, reply, stream_rows
 from workers.model_loading import load_model
 
@@ -91,7 +93,7 @@ def test_answer_loss_in_a_batch_equals_alone_and_the_loss_by_hand(env):
     assert batched[0] != pytest.approx(batched[1])
 
 
-def test_answers_from_the_teacher_forced_prompt_cache_equal_the_two_passes(env):
+def test_answers_from_the_teacher_forced_prompt_cache_equal_the_two_passes(env, monkeypatch):
     """The generation continues from the teacher-forced pass's keys and values (its prefill reads one token a row):
     the same greedy answers as a generation of its own and the losses of each row alone by hand, with prompts of
     different lengths, three adapters per row and more rows than one loss pass takes. An empty reference (scoring
@@ -103,7 +105,8 @@ def test_answers_from_the_teacher_forced_prompt_cache_equal_the_two_passes(env):
     questions = [("Hi?", "Paris is big."), ("A much longer question about capitals, rivers and seas?", "No."),
                  ("Why?", "Because."), ("What is the capital of France, please?", "The capital of France is Paris.")]
     examples = [EvalExample(i, i + 1, [{"role": "user", "content": q}], r) for i, (q, r) in enumerate(questions)]
-    assert len(examples) * len(names) > LOSS_ROWS  # the prompts' cache is gathered from several passes
+    monkeypatch.setattr(evaluation, "LOSS_ROWS", 8)
+    assert len(examples) * len(names) > evaluation.LOSS_ROWS  # the prompts' cache is gathered from several passes
     widths = []
     hook = model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
                                            with_kwargs=True)
@@ -114,7 +117,9 @@ def test_answers_from_the_teacher_forced_prompt_cache_equal_the_two_passes(env):
         hook.remove()
     prompts = [render_prompt(tokenizer, e.prompt) for e in examples]
     assert len(set(map(len, prompts))) == len(prompts) and max(map(len, prompts)) not in widths
-    assert widths.count(1) == len(widths) - 2  # two teacher-forced passes, then one token a step for every row
+    shared = shared_prefix_length(prompts)  # the chat template's common start, read once per adapter
+    assert shared > 0 and widths[0] == shared
+    assert widths.count(1) == len(widths) - 3  # the prefix, two teacher-forced passes, then one token a step a row
     greedy = GenerationSettings(max_new_tokens=6, temperature=0.0, top_p=1.0, seed=0)
     pairs = [(i, k) for i in range(len(examples)) for k in range(len(names))]
     alone = list(stream_rows(model, tokenizer, [prompts[i] for i, _ in pairs], [names[k] for _, k in pairs],
@@ -130,9 +135,11 @@ def test_answers_from_the_teacher_forced_prompt_cache_equal_the_two_passes(env):
         assert answer.scores["answer_loss"] == pytest.approx(float(nll), abs=1e-4)
     assert len({a.scores["answer_loss"] for a in answers if a.example == 0}) == 3
     references = [tokenizer(e.reference, add_special_tokens=False)["input_ids"] for e in examples]
-    losses, cache = losses_and_prompt_cache(model, prompts, references[:2] + [[]] + references[3:], [names[0]] * 4,
-                                            tokenizer.pad_token_id)
+    prompt_pass = losses_and_prompt_cache(model, prompts, references[:2] + [[]] + references[3:], [names[0]] * 4,
+                                          tokenizer.pad_token_id)
+    losses, cache = prompt_pass.losses, prompt_pass.cache
     assert math.isnan(losses[2]) and cache.get_seq_length() == max(map(len, prompts)) - 1
+    assert prompt_pass.shared_prefix == shared
     assert [losses[i] for i in (0, 1, 3)] == pytest.approx([answers[i * 3].scores["answer_loss"] for i in (0, 1, 3)],
                                                            abs=1e-4)
 
@@ -164,6 +171,22 @@ def test_every_row_answers_every_prompt_in_one_pass_as_it_would_alone(env):
     losses = {row: result.scores[row]["answer_loss"] for row in range(3)}
     assert len(set(losses.values())) == 3  # each adapter changes the model
     assert len(engine.models) == 1  # one base for all three rows
+
+
+def test_loss_passes_bound_rows_and_logits(monkeypatch):
+    monkeypatch.setattr(evaluation, "LOSS_ROWS", 3)
+    monkeypatch.setattr(evaluation, "LOSS_LOGITS", 100)
+    references = [[0]] * 4 + [[0] * 20, [0]]  # a vocabulary of 10: a short row keeps 2 × 10 logits, the long one 210
+    assert list(evaluation._loss_passes(references, 10)) == [range(0, 3), range(3, 4), range(4, 5), range(5, 6)]
+    monkeypatch.setattr(evaluation, "LOSS_LOGITS", 1000)
+    assert list(evaluation._loss_passes(references, 10)) == [range(0, 3), range(3, 6)]  # 3 rows × 21 × 10 = 630
+
+
+def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # [1, 2] keeps its last token to be read by generate
+    assert shared_prefix_length([[7, 8, 9]]) == 2
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
 
 
 def test_summary_means_and_perplexity_by_hand():

@@ -160,6 +160,20 @@ def test_load_model_returns_a_working_model_without_remote_code(tiny_model_dir, 
     assert tokenizer.chat_template
 
 
+def test_the_output_head_reads_a_contiguous_copy_of_the_last_positions(tiny_model_dir):
+    """transformers hands the head `hidden[:, -n:]`, a strided view that torch's CPU matmul multiplies 7-10x slower;
+    the loaded model's head gets it contiguous, with the same logits."""
+    model, _ = load_model(str(tiny_model_dir))
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    with torch.no_grad():
+        last = model(input_ids=ids, logits_to_keep=2).logits
+        every = model(input_ids=ids).logits
+    assert seen == [True, True]
+    assert torch.allclose(last, every[:, -2:], atol=1e-6)
+
+
 def test_load_model_converts_dtype_and_sets_a_missing_pad_token(tiny_model_dir, tmp_path):
     folder = copy_model(tiny_model_dir, tmp_path / "no-pad")
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
