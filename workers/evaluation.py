@@ -51,6 +51,9 @@ EXAMPLES_PER_EVENT = 50
 LOSS_ROWS = 32
 """Most rows per teacher-forced forward pass. The prompts' keys and values are gathered from the passes into one cache
 for all the batch's rows, the cache the generation's prefill would build."""
+MIN_SHARED_PREFIX = 8
+"""Fewest tokens at the start of every prompt worth a pass of their own (read once per adapter, not once per prompt):
+a chat template's system prompt is 20-40; a few tokens of role markers save less than the pass costs."""
 LOSS_LOGITS = 16_000_000
 """Most logits one teacher-forced pass keeps (rows × (answer length + 1) × vocabulary: 64 MB in float32), so long
 references take fewer rows a pass (down to one) and short ones share a pass (a few wide passes run faster than many
@@ -278,6 +281,8 @@ def losses_and_prompt_cache(model, prompts: Sequence[Sequence[int]], references:
     prompt_width = max(len(p) for p in prompts)
     keep_cache = keep_cache and getattr(model.generation_config, "cache_implementation", None) is None
     shared = shared_prefix_length(prompts) if len(set(adapters)) < len(prompts) else 0
+    if shared < MIN_SHARED_PREFIX:
+        shared = 0
     prefix = _prefix_cache(model, prompts[0][:shared], adapters, device) if shared else None
     if prefix is None:
         shared = 0

@@ -104,7 +104,9 @@ def test_answers_from_the_teacher_forced_prompt_cache_equal_the_two_passes(env, 
     model.eval()
     questions = [("Hi?", "Paris is big."), ("A much longer question about capitals, rivers and seas?", "No."),
                  ("Why?", "Because."), ("What is the capital of France, please?", "The capital of France is Paris.")]
-    examples = [EvalExample(i, i + 1, [{"role": "user", "content": q}], r) for i, (q, r) in enumerate(questions)]
+    system = {"role": "system", "content": "You answer questions about geography in one short sentence."}
+    examples = [EvalExample(i, i + 1, [system, {"role": "user", "content": q}], r)
+                for i, (q, r) in enumerate(questions)]
     monkeypatch.setattr(evaluation, "LOSS_ROWS", 8)
     assert len(examples) * len(names) > evaluation.LOSS_ROWS  # the prompts' cache is gathered from several passes
     widths = []
@@ -117,8 +119,8 @@ def test_answers_from_the_teacher_forced_prompt_cache_equal_the_two_passes(env, 
         hook.remove()
     prompts = [render_prompt(tokenizer, e.prompt) for e in examples]
     assert len(set(map(len, prompts))) == len(prompts) and max(map(len, prompts)) not in widths
-    shared = shared_prefix_length(prompts)  # the chat template's common start, read once per adapter
-    assert shared > 0 and widths[0] == shared
+    shared = shared_prefix_length(prompts)  # the system prompt, read once per adapter
+    assert shared >= evaluation.MIN_SHARED_PREFIX and widths[0] == shared
     assert widths.count(1) == len(widths) - 3  # the prefix, two teacher-forced passes, then one token a step a row
     greedy = GenerationSettings(max_new_tokens=6, temperature=0.0, top_p=1.0, seed=0)
     pairs = [(i, k) for i in range(len(examples)) for k in range(len(names))]
@@ -140,6 +142,10 @@ def test_answers_from_the_teacher_forced_prompt_cache_equal_the_two_passes(env, 
     losses, cache = prompt_pass.losses, prompt_pass.cache
     assert math.isnan(losses[2]) and cache.get_seq_length() == max(map(len, prompts)) - 1
     assert prompt_pass.shared_prefix == shared
+    monkeypatch.setattr(evaluation, "MIN_SHARED_PREFIX", shared + 1)  # too short a start to share: read in every row
+    unshared = losses_and_prompt_cache(model, prompts, references, [names[0]] * 4, tokenizer.pad_token_id)
+    assert unshared.shared_prefix == 0 and unshared.cache.get_seq_length() == max(map(len, prompts)) - 1
+    assert unshared.losses == pytest.approx([answers[i * 3].scores["answer_loss"] for i in range(4)], abs=1e-4)
     assert [losses[i] for i in (0, 1, 3)] == pytest.approx([answers[i * 3].scores["answer_loss"] for i in (0, 1, 3)],
                                                            abs=1e-4)
 
