@@ -276,27 +276,24 @@ def losses_and_prompt_cache(model, prompts: Sequence[Sequence[int]], references:
     from transformers import DynamicCache
 
     import mora
+    from workers.generation import padded_prompt
 
     device = next(model.parameters()).device
     prompt_width = max(len(p) for p in prompts)
     keep_cache = keep_cache and getattr(model.generation_config, "cache_implementation", None) is None
     shared = shared_prefix_length(prompts) if len(set(adapters)) < len(prompts) else 0
-    if shared < MIN_SHARED_PREFIX:
-        shared = 0
-    prefix = _prefix_cache(model, prompts[0][:shared], adapters, device) if shared else None
-    if prefix is None:
-        shared = 0
+    prefix = _prefix_cache(model, prompts[0][:shared], adapters, device) if shared >= MIN_SHARED_PREFIX else None
+    shared = shared if prefix is not None else 0
     cache = None
     losses = []
     for rows in _loss_passes(references, model.config.get_text_config().vocab_size):
         first, answer_width = rows.start, max(len(references[i]) for i in rows)
         ids, mask = [], []
-        for i in rows:
-            padding = prompt_width - len(prompts[i])
-            ids.append(list(prompts[i][:shared]) + [pad_token_id] * padding + list(prompts[i][shared:])
-                       + list(references[i]) + [pad_token_id] * (answer_width - len(references[i])))
-            mask.append([1] * shared + [0] * padding + [1] * (len(prompts[i]) - shared + len(references[i]))
-                        + [0] * (answer_width - len(references[i])))
+        for i in rows:  # the prompt as the generation lays it out, then the reference, right-padded
+            prompt_ids, prompt_mask = padded_prompt(prompts[i], prompt_width, pad_token_id, shared)
+            right = answer_width - len(references[i])
+            ids.append(prompt_ids + list(references[i]) + [pad_token_id] * right)
+            mask.append(prompt_mask + [1] * len(references[i]) + [0] * right)
         input_ids, mask = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         past = None

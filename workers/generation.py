@@ -203,6 +203,15 @@ def _visible(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return text[:len(text) - held], False
 
 
+def padded_prompt(prompt: Sequence[int], width: int, pad: int, shared_prefix: int = 0) -> tuple[list[int], list[int]]:
+    """A prompt padded to `width` tokens and its attention mask: the padding goes before the prompt, or after its
+    first `shared_prefix` tokens (the layout of `workers.evaluation.losses_and_prompt_cache`'s cache, which a
+    generation continuing from that cache must repeat exactly)."""
+    padding = width - len(prompt)
+    return (list(prompt[:shared_prefix]) + [pad] * padding + list(prompt[shared_prefix:]),
+            [1] * shared_prefix + [0] * padding + [1] * (len(prompt) - shared_prefix))
+
+
 def stream_rows(
     model, tokenizer, prompts: Sequence[Sequence[int]], adapters: Sequence[Optional[str]],
     settings: Sequence[GenerationSettings], stops: Optional[Sequence[Sequence[str]]] = None,
@@ -216,8 +225,8 @@ def stream_rows(
     each token. Closing the iterator stops the generation. `cache`: the keys and values of the left-padded prompts
     but their last position, already computed with the same adapters per row
     (`workers.evaluation.losses_and_prompt_cache`); `generate` then reads only the tokens it does not hold.
-    `shared_prefix`: the cache's rows hold their padding after the first `shared_prefix` tokens (which every prompt
-    starts with), not before them, and the prompts are laid out the same way."""
+    `shared_prefix`: the prompts are padded after their first `shared_prefix` tokens (which every prompt starts
+    with), not before them, as the rows of a cache from `losses_and_prompt_cache` are (`padded_prompt`)."""
     if not len(prompts) == len(adapters) == len(settings):
         raise ValueError(f"{len(prompts)} prompts, {len(adapters)} adapter choices and {len(settings)} settings")
     for row_settings in settings:
@@ -226,11 +235,9 @@ def stream_rows(
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    cut = shared_prefix if cache is not None else 0
-    input_ids = torch.tensor([list(p[:cut]) + [pad] * (width - len(p)) + list(p[cut:]) for p in prompts],
-                             device=device)
-    attention_mask = torch.tensor([[1] * cut + [0] * (width - len(p)) + [1] * (len(p) - cut) for p in prompts],
-                                  device=device)
+    rows = [padded_prompt(p, width, pad, shared_prefix) for p in prompts]
+    input_ids = torch.tensor([ids for ids, _ in rows], device=device)
+    attention_mask = torch.tensor([mask for _, mask in rows], device=device)
     streamer = _BatchStreamer(greenlet.getcurrent())
     ended: set[int] = set()  # rows the consumer saw finish, or whose caller left
     limits = [s.max_new_tokens for s in settings]
